@@ -766,7 +766,8 @@ def train(cfg, d):
     # resume: weights, optimizer moments, loader position and RNG, from one file
     start_step, val_loss = 0, None
     resume_path, checkpoint = find_checkpoint(cfg, log)
-    if checkpoint is not None:
+    resumed = checkpoint is not None
+    if resumed:
         check_resumable(resume_path, checkpoint, model_config, cfg)
         raw_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -824,7 +825,7 @@ def train(cfg, d):
     log_file = os.path.join(cfg.log_dir, "log.txt")
     if d.master_process:
         os.makedirs(cfg.log_dir, exist_ok=True)
-        if checkpoint is None and resume_path is None:
+        if not resumed:
             with open(log_file, "w") as f:  # a fresh run starts an empty log
                 f.write(json.dumps(dataclasses.asdict(cfg)) + "\n")
         else:
