@@ -1,0 +1,604 @@
+"""Tests for train_gpt2.py's model, optimizer, schedule, training step and data loader:
+the numbers of the 124M run (parameter counts, init, optimizer groups, learning rates) and
+checks against second implementations (Hugging Face GPT-2, a naive loader written from
+SPEC.md). CPU, offline; the full 124M model is built twice (a few seconds each)."""
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train_gpt2
+from train_gpt2 import GPT, DataLoaderLite, GPTConfig, UserError, get_lr, num_parameters, train_step
+
+LN_50304 = math.log(50304)  # 10.826: the loss of a uniform prediction over the padded vocab
+RESIDUAL = ("attn.c_proj", "mlp.c_proj")  # the two projections into the residual stream
+
+
+@pytest.fixture(scope="module")
+def gpt124m():
+    """GPT-2 124M as training builds it: seed 1337, vocab padded to 50304."""
+    torch.manual_seed(1337)
+    return GPT(GPTConfig(vocab_size=50304))
+
+
+def tiny_config(**kw):
+    kw = dict(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32) | kw
+    return GPTConfig(**kw)
+
+
+def tiny_model(seed=0, sharpen=0.0, **kw):
+    """A tiny GPT; sharpen > 0 redraws every matrix with that std, so that attention is far
+    from uniform and a wrong mask or scale shows in the logits."""
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(**kw))
+    if sharpen:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, sharpen)
+    return model
+
+
+def random_tokens(shape, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, shape, generator=g)
+
+
+def unique_param_count(model):
+    """Elements of the distinct parameter tensors (by storage), whatever parameters() does."""
+    seen = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[p.data_ptr() if p.device.type != "meta" else id(p)] = p.numel()
+    return sum(seen.values())
+
+
+# -----------------------------------------------------------------------------
+# 1. parameter counts
+
+def test_parameter_count_124m_padded_vocab(gpt124m):
+    assert unique_param_count(gpt124m) == 124_475_904
+    assert sum(p.numel() for p in gpt124m.parameters()) == 124_475_904  # the tied matrix once
+    assert num_parameters(gpt124m.config) == 124_475_904
+
+
+def test_parameter_count_124m_gpt2_vocab():
+    config = GPTConfig()  # the defaults are GPT-2 124M with its 50257 tokens
+    assert (config.block_size, config.vocab_size, config.n_layer, config.n_head, config.n_embd) == (
+        1024, 50257, 12, 12, 768)
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = GPT(config)
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
+    assert unique_param_count(model) == 124_439_808
+    assert num_parameters(config) == 124_439_808
+    # the padding adds 47 rows of 768 to the one tied matrix
+    assert num_parameters(GPTConfig(vocab_size=50304)) - num_parameters(config) == 47 * 768
+
+
+def test_num_parameters_matches_the_model_for_other_shapes():
+    for kw in (dict(n_layer=3, n_head=4, n_embd=48, vocab_size=101, block_size=17),
+               dict(n_layer=1, n_head=1, n_embd=8, vocab_size=5, block_size=3)):
+        config = GPTConfig(**kw)
+        with torch.device("meta"):
+            model = GPT(config)
+        assert num_parameters(config) == unique_param_count(model), kw
+
+
+# -----------------------------------------------------------------------------
+# 2. init
+
+def test_init_statistics_124m(gpt124m):
+    resid_std = 0.02 / math.sqrt(2 * 12)
+    assert resid_std == pytest.approx(0.00408, abs=5e-6)
+    counts = dict(residual=0, linear=0, bias=0, layernorm=0, embedding=0)
+    for name, module in gpt124m.named_modules():
+        if isinstance(module, nn.Linear):
+            w = module.weight.detach()
+            want = resid_std if name.endswith(RESIDUAL) else 0.02
+            counts["residual" if name.endswith(RESIDUAL) else "linear"] += 1
+            assert w.std().item() == pytest.approx(want, rel=0.02), name
+            assert abs(w.mean().item()) < 5 * want / math.sqrt(w.numel()), name
+            if module.bias is not None:
+                counts["bias"] += 1
+                assert torch.count_nonzero(module.bias).item() == 0, name
+        elif isinstance(module, nn.LayerNorm):
+            counts["layernorm"] += 1
+            assert torch.all(module.weight == 1).item() and torch.all(module.bias == 0).item(), name
+        elif isinstance(module, nn.Embedding):
+            counts["embedding"] += 1
+            assert module.weight.std().item() == pytest.approx(0.02, rel=0.02), name
+    # 12 blocks x (2 residual projections, c_attn + c_fc), lm_head; every block Linear has a bias
+    assert counts == dict(residual=24, linear=25, bias=48, layernorm=25, embedding=2)
+    assert gpt124m.lm_head.bias is None
+
+
+def test_weight_tying(gpt124m):
+    wte, lm_head = gpt124m.transformer.wte.weight, gpt124m.lm_head.weight
+    assert lm_head is wte
+    sd = gpt124m.state_dict()
+    assert sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr()
+    assert tuple(wte.shape) == (50304, 768)
+
+
+def test_tied_matrix_keeps_lm_heads_draw():
+    """The init visits wte first and lm_head last: the shared matrix holds lm_head's draw
+    (the reference's initial weights with seed 1337 depend on it)."""
+    states = {}
+
+    class Recording(GPT):
+        def _init_weights(self, module):
+            for key in ("wte", "lm_head"):
+                if module is (self.lm_head if key == "lm_head" else self.transformer.wte):
+                    states[key] = torch.get_rng_state()
+            super()._init_weights(module)
+
+    torch.manual_seed(1337)
+    model = Recording(tiny_config())
+    assert set(states) == {"wte", "lm_head"}
+    tied = model.lm_head.weight.detach()
+
+    def replay(key):
+        torch.set_rng_state(states[key])
+        return torch.empty_like(tied).normal_(0.0, 0.02)
+
+    assert torch.equal(tied, replay("lm_head"))
+    assert not torch.equal(tied, replay("wte"))
+    # the same seed, the same weights (the plain class too)
+    torch.manual_seed(1337)
+    plain = GPT(tiny_config())
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                  model.state_dict().values()))
+
+
+def test_init_is_deterministic_124m(gpt124m):
+    torch.manual_seed(1337)
+    again = GPT(GPTConfig(vocab_size=50304))
+    sd1, sd2 = gpt124m.state_dict(), again.state_dict()
+    assert list(sd1) == list(sd2)
+    for k in sd1:
+        assert torch.equal(sd1[k], sd2[k]), k
+    torch.manual_seed(1338)
+    other = GPT(tiny_config())
+    torch.manual_seed(1337)
+    assert not torch.equal(GPT(tiny_config()).lm_head.weight, other.lm_head.weight)
+
+
+# -----------------------------------------------------------------------------
+# 3. the initial loss
+
+def test_initial_loss_is_about_ln_vocab(gpt124m):
+    """At init every token is about equally likely: loss ~ ln(50304) = 10.83 (plus ~0.15
+    from the logits' spread, std 0.02 * sqrt(768)). A bad init shows here at once."""
+    x = random_tokens((2, 64), 50304, seed=0)
+    y = random_tokens((2, 64), 50304, seed=1)
+    with torch.no_grad():
+        logits, loss = gpt124m(x, y)
+    assert abs(loss.item() - LN_50304) < 0.3, loss.item()
+    probs = logits.float().softmax(-1)
+    assert probs.max().item() < 50 / 50304  # nothing confidently predicted
+
+
+# -----------------------------------------------------------------------------
+# 4. and 5. Hugging Face compatibility
+
+def tiny_hf_config():
+    from transformers import GPT2Config
+    return GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100,
+                      bos_token_id=0, eos_token_id=0)
+
+
+def test_state_dict_keys_and_shapes_match_hugging_face():
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(tiny_hf_config())
+    hf_sd = {k: v for k, v in hf.state_dict().items()
+             if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    ours = GPT(GPTConfig(block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=32)).state_dict()
+    assert list(ours) == list(hf_sd)  # the same names, in the same (creation) order
+    assert len(ours) == 4 + 12 * 2 + 1
+    for k, v in hf_sd.items():
+        want = v.t().shape if k.endswith(train_gpt2.HF_TRANSPOSED) else v.shape
+        assert ours[k].shape == want, k
+
+
+def test_from_pretrained_local_folder_matches_hugging_face(tmp_path, monkeypatch):
+    from transformers import GPT2LMHeadModel
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(tiny_hf_config())
+    with torch.no_grad():  # every tensor random, LayerNorms and biases included
+        for name, p in hf.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif p.dim() == 1:
+                p.normal_(0.0, 0.3)
+            else:
+                p.normal_(0.0, 0.2)
+    hf.save_pretrained(tmp_path)
+    hf.eval()
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    c = model.config
+    assert (c.block_size, c.vocab_size, c.n_layer, c.n_head, c.n_embd) == (64, 100, 2, 2, 32)
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied after loading
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    idx = random_tokens((3, 40), 100, seed=2)
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    assert ours.shape == theirs.shape == (3, 40, 100)
+    assert theirs.std().item() > 0.5  # non-trivial logits: a mapping error would show
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# 6. learning-rate schedule
+
+def test_learning_rate_schedule():
+    def lr(step):
+        return get_lr(step, 6e-4, 6e-5, 715, 19073)
+
+    assert lr(0) == pytest.approx(6e-4 / 715, rel=1e-12)  # warmup never starts at 0
+    assert lr(357) == pytest.approx(6e-4 * 358 / 715, rel=1e-12)
+    assert lr(714) == pytest.approx(6e-4, rel=1e-12)
+    assert lr(715) == pytest.approx(6e-4, rel=1e-12)
+    cosine = 6e-5 + 0.5 * (1 + math.cos(math.pi * (10000 - 715) / (19073 - 715))) * (6e-4 - 6e-5)
+    assert lr(10000) == pytest.approx(cosine, rel=1e-12)
+    assert lr(10000) == pytest.approx(3.2510e-4, rel=1e-4)  # just past the middle of the cosine
+    assert 6e-5 < lr(19072) < 6e-5 + 1e-10
+    assert lr(19073) == pytest.approx(6e-5, rel=1e-12)
+    assert lr(20000) == 6e-5
+    lrs = [lr(s) for s in range(0, 20000, 37)]
+    peak = lrs.index(max(lrs))
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # rising during warmup
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # then never rising
+
+
+# -----------------------------------------------------------------------------
+# 7. optimizer
+
+def test_configure_optimizers_124m(gpt124m):
+    opt = gpt124m.configure_optimizers(weight_decay=0.1, learning_rate=6e-4)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert len(opt.param_groups) == 2
+    decay, no_decay = opt.param_groups
+    assert (len(decay["params"]), sum(p.numel() for p in decay["params"])) == (50, 124_354_560)
+    assert (len(no_decay["params"]), sum(p.numel() for p in no_decay["params"])) == (98, 121_344)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    # every parameter exactly once (the tied matrix too)
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in gpt124m.parameters()}
+    for g in opt.param_groups:
+        assert g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8 and g["lr"] == 6e-4
+        assert g["fused"] is False  # fused AdamW is for CUDA only
+
+
+# -----------------------------------------------------------------------------
+# 8. and 9. the training step
+
+class FakeLoader:
+    def __init__(self, batches, repeat=False):
+        self.batches, self.repeat, self.calls = batches, repeat, 0
+
+    def next_batch(self):
+        batch = self.batches[0 if self.repeat else self.calls]
+        self.calls += 1
+        return batch
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    V, B, T = 64, 2, 16
+    model_a = tiny_model(seed=3, vocab_size=V, block_size=T)
+    model_b = copy.deepcopy(model_a)
+    before = copy.deepcopy(model_a.state_dict())
+    micro = [(random_tokens((B, T), V, seed=10 + i), random_tokens((B, T), V, seed=20 + i))
+             for i in range(4)]
+    big = (torch.cat([x for x, _ in micro]), torch.cat([y for _, y in micro]))
+    with torch.no_grad():
+        big_loss = model_b(*big)[1].item()
+
+    opt_a = model_a.configure_optimizers(0.1, 1e-3)
+    opt_b = model_b.configure_optimizers(0.1, 1e-3)
+    loader_a, loader_b = FakeLoader(micro), FakeLoader([big])
+    loss_a, norm_a = train_step(model_a, opt_a, loader_a, 4, 1e-3, 1.0, "cpu", torch.float32)
+    loss_b, norm_b = train_step(model_b, opt_b, loader_b, 1, 1e-3, 1.0, "cpu", torch.float32)
+    assert (loader_a.calls, loader_b.calls) == (4, 1)
+    assert loss_a.item() == pytest.approx(big_loss, abs=1e-6)  # mean over the 4 micro-batches
+    assert loss_a.item() == pytest.approx(loss_b.item(), abs=1e-6)
+    assert norm_a.item() == pytest.approx(norm_b.item(), rel=1e-5)
+    assert all(g["lr"] == 1e-3 for g in opt_a.param_groups)
+    moved = 0
+    for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+        moved += not torch.equal(pa.detach(), before[name])
+    assert moved == len(list(model_a.parameters()))  # the step changed every tensor
+
+
+def test_gradient_clipping_reports_the_norm_before_clipping():
+    model = tiny_model(seed=4)
+    x, y = random_tokens((2, 32), 64, seed=5), random_tokens((2, 32), 64, seed=6)
+    model.zero_grad()
+    model(x, y)[1].backward()
+    raw_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters())).item()
+    clip = raw_norm / 4  # make sure clipping happens
+    opt = model.configure_optimizers(0.1, 1e-3)
+    _, norm = train_step(model, opt, FakeLoader([(x, y)]), 1, 1e-3, clip, "cpu", torch.float32)
+    assert norm.item() == pytest.approx(raw_norm, rel=1e-5)
+    clipped = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters())).item()
+    assert clipped == pytest.approx(clip, rel=1e-4)
+
+
+def test_overfits_one_batch():
+    V, B, T = 128, 4, 32
+    model = tiny_model(seed=0, vocab_size=V, block_size=T, n_embd=64)
+    batch = (random_tokens((B, T), V, seed=7), random_tokens((B, T), V, seed=8))
+    opt = model.configure_optimizers(0.0, 3e-3)
+    loader = FakeLoader([batch], repeat=True)
+    losses = [train_step(model, opt, loader, 1, 3e-3, 1.0, "cpu", torch.float32)[0].item()
+              for _ in range(50)]
+    assert abs(losses[0] - math.log(V)) < 0.2, losses[0]  # 4.85 at init
+    assert losses[-1] < 0.2, losses[-10:]
+
+
+# -----------------------------------------------------------------------------
+# 10. attention paths and the KV cache
+
+def test_flash_and_explicit_attention_agree():
+    flash = tiny_model(seed=1, sharpen=0.3, flash_attention=True).eval()
+    explicit = GPT(tiny_config(flash_attention=False)).eval()
+    explicit.load_state_dict(flash.state_dict())
+    idx = random_tokens((2, 32), 64, seed=3)
+    with torch.no_grad():
+        a, _ = flash(idx)
+        b, _ = explicit(idx)
+        uniform_attention = copy.deepcopy(explicit)  # control: scores zeroed, mask kept
+        for block in uniform_attention.transformer.h:
+            block.attn.c_attn.weight[:64].zero_()  # q and k rows
+            block.attn.c_attn.bias[:64].zero_()
+        c, _ = uniform_attention(idx)
+    assert a.std().item() > 0.5
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert (a - c).abs().max().item() > 0.1  # the attention pattern matters in this test
+
+
+@pytest.mark.parametrize("flash_attention", [True, False])
+def test_attention_is_causal(flash_attention):
+    model = tiny_model(seed=1, sharpen=0.3, flash_attention=flash_attention).eval()
+    idx = random_tokens((2, 20), 64, seed=4)
+    changed = idx.clone()
+    changed[:, 12:] = (changed[:, 12:] + 1) % 64  # change the future of position 11
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-6)
+    assert (a[:, 12:] - b[:, 12:]).abs().max().item() > 0.1
+
+
+@pytest.mark.parametrize("flash_attention", [True, False])
+def test_kv_cache_decoding_matches_full_forward(flash_attention):
+    model = tiny_model(seed=2, sharpen=0.3, flash_attention=flash_attention).eval()
+    idx = random_tokens((2, 32), 64, seed=5)  # fills the whole block_size
+    prompt = 7
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = [dict() for _ in range(model.config.n_layer)]
+        logits, _ = model(idx[:, :prompt], kv_cache=cache)
+        torch.testing.assert_close(logits, full[:, :prompt], rtol=0, atol=1e-5)
+        for t in range(prompt, idx.size(1)):
+            logits, _ = model(idx[:, t:t + 1], kv_cache=cache)
+            assert logits.shape == (2, 1, 64)
+            torch.testing.assert_close(logits[:, -1], full[:, t], rtol=0, atol=1e-5)
+        assert cache[0]["k"].shape == (2, 2, 32, 16)  # (B, n_head, T, head_size)
+        with pytest.raises(AssertionError):  # the cache is full: position 32 does not exist
+            model(idx[:, :1], kv_cache=cache)
+
+
+# -----------------------------------------------------------------------------
+# 11. forward
+
+def test_forward_shapes_and_loss():
+    model = tiny_model(seed=0, sharpen=0.1)
+    x, y = random_tokens((3, 20), 64, seed=1), random_tokens((3, 20), 64, seed=2)
+    logits, loss = model(x)
+    assert logits.shape == (3, 20, 64) and loss is None
+    logits, loss = model(x, y)
+    assert loss.shape == ()
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.reshape(-1, 64), y.reshape(-1)).item(),
+                                        rel=1e-6)
+    per_sequence = [F.cross_entropy(logits[i], y[i]).item() for i in range(3)]
+    assert loss.item() == pytest.approx(sum(per_sequence) / 3, rel=1e-6)  # a mean over all B*T
+    model(random_tokens((1, 32), 64, seed=3))  # T == block_size is fine
+    with pytest.raises(AssertionError):
+        model(random_tokens((1, 33), 64, seed=3))
+
+
+# -----------------------------------------------------------------------------
+# 12. DataLoaderLite
+
+B, T = 2, 4  # B*T = 8 tokens a micro-batch
+# batches per shard: 5 (exact fit: 41 = 5*8+1), 3, 4 (40 = 5*8: one token short of a 5th),
+# 6, 1 (9 = B*T+1): 19 in all, odd, and no length a multiple of 2*B*T, so with 2 ranks the
+# shard ends and the wrap-arounds fall on either rank
+SHARD_LENGTHS = (41, 30, 40, 52, 9)
+EPOCH = sum((n - 1) // (B * T) for n in SHARD_LENGTHS)
+
+
+def write_shards(root, lengths=SHARD_LENGTHS, seed=0):
+    """Train shards 1..n (random tokens, uint16) and one val shard 0, as fineweb.py names them."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    np.save(root / "edufineweb_val_000000.npy", rng.integers(0, 50257, 100, dtype=np.uint16))
+    paths = []
+    for i, n in enumerate(lengths, start=1):
+        paths.append(root / f"edufineweb_train_{i:06d}.npy")
+        np.save(paths[-1], rng.integers(0, 50257, n, dtype=np.uint16))
+    return paths
+
+
+class ReferenceLoader:
+    """SPEC.md's loader, literally: rank r starts at B*T*r, reads B*T+1 tokens, advances by
+    B*T*num_processes, and moves to the next shard (wrapping around) when
+    pos + B*T*num_processes + 1 > len."""
+
+    def __init__(self, B, T, rank, num_processes, paths):
+        self.B, self.T, self.rank, self.num_processes = B, T, rank, num_processes
+        self.shards = [np.load(p) for p in paths]
+        self.current, self.pos = 0, B * T * rank
+
+    def next_batch(self):
+        B, T, tokens = self.B, self.T, self.shards[self.current]
+        buf = torch.from_numpy(tokens[self.pos:self.pos + B * T + 1].astype(np.int64))
+        x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
+        self.pos += B * T * self.num_processes
+        if self.pos + B * T * self.num_processes + 1 > len(tokens):
+            self.current = (self.current + 1) % len(self.shards)
+            self.pos = B * T * self.rank
+        return x, y
+
+
+def loader(root, rank=0, nproc=1, split="train", **kw):
+    return DataLoaderLite(B, T, rank, nproc, split, str(root), **kw)
+
+
+def batches(ldr, n):
+    return [ldr.next_batch() for _ in range(n)]
+
+
+def key(batch):
+    return tuple(batch[0].flatten().tolist()) + (batch[1][-1, -1].item(),)
+
+
+def assert_same(got, want):
+    assert len(got) == len(want)
+    for i, ((x, y), (rx, ry)) in enumerate(zip(got, want)):
+        assert torch.equal(x, rx) and torch.equal(y, ry), f"micro-batch {i}"
+
+
+def test_loader_one_process_equals_reference(tmp_path):
+    paths = write_shards(tmp_path)
+    ldr = loader(tmp_path)
+    assert ldr.paths == [str(p) for p in paths]  # train shards only, sorted
+    got = batches(ldr, 2 * EPOCH + 7)  # two wrap-arounds
+    for x, y in got:
+        assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x.flatten()[1:], y.flatten()[:-1])  # y is x shifted by one
+    assert_same(got, batches(ReferenceLoader(B, T, 0, 1, paths), len(got)))
+    # an epoch is EPOCH batches: then the stream wraps around to shard 1's first batch
+    assert_same(got[EPOCH:EPOCH + 1], got[:1])
+    first = np.load(paths[0])
+    assert got[0][0].flatten().tolist() == first[:B * T].astype(int).tolist()
+
+
+def test_loader_shards_are_memory_mapped(tmp_path):
+    write_shards(tmp_path)
+    ldr = loader(tmp_path)
+    assert len(ldr.shards) == len(SHARD_LENGTHS)
+    assert all(isinstance(s, np.memmap) for s in ldr.shards)
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_loader_ranks_interleave_the_single_process_stream(tmp_path, nproc, shuffle):
+    write_shards(tmp_path)
+    rounds = 2 * EPOCH // nproc + 3  # past two wrap-arounds
+    stream = batches(loader(tmp_path, shuffle=shuffle, seed=3), rounds * nproc)
+    ranks = [loader(tmp_path, r, nproc, shuffle=shuffle, seed=3) for r in range(nproc)]
+    per_rank = [batches(ldr, rounds) for ldr in ranks]
+    for r in range(nproc):  # micro-batch k of rank r = micro-batch nproc*k + r of one process
+        assert_same(per_rank[r], stream[r::nproc])
+    # every rank is at the same stream position
+    assert all(ldr.state_dict() == ranks[0].state_dict() for ldr in ranks)
+
+
+def test_loader_shuffle(tmp_path):
+    write_shards(tmp_path)
+    in_order = batches(loader(tmp_path), EPOCH)
+    shuffled = batches(loader(tmp_path, shuffle=True, seed=1), 3 * EPOCH)
+    epochs = [shuffled[i * EPOCH:(i + 1) * EPOCH] for i in range(3)]
+    assert len({key(b) for b in in_order}) == EPOCH  # all batches distinct: keys identify them
+    for e in epochs:  # every batch of the epoch exactly once
+        assert sorted(key(b) for b in e) == sorted(key(b) for b in in_order)
+    orders = [[key(b) for b in e] for e in epochs]
+    assert orders[0] != [key(b) for b in in_order]
+    assert orders[0] != orders[1] and orders[1] != orders[2]  # a fresh order every epoch
+    # ... of the batches within a shard too, not only of the shards (shard 4 has 6 batches)
+    shard4 = [key(b) for b in in_order[12:18]]
+    assert len({tuple(k for k in order if k in shard4) for order in orders}) > 1
+    assert_same(batches(loader(tmp_path, shuffle=True, seed=1), 3 * EPOCH), shuffled)  # same seed
+    other = batches(loader(tmp_path, shuffle=True, seed=2), EPOCH)
+    assert [key(b) for b in other] != orders[0]
+    # default: in order, as the reference
+    assert not loader(tmp_path).shuffle
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_loader_state_round_trip(tmp_path, nproc, shuffle):
+    write_shards(tmp_path)
+    for k in (0, 4, 9, EPOCH + 2):  # start, mid-shard, shard boundary passed, next epoch
+        ranks = [loader(tmp_path, r, nproc, shuffle=shuffle, seed=5) for r in range(nproc)]
+        for ldr in ranks:
+            batches(ldr, k)
+        states = [ldr.state_dict() for ldr in ranks]
+        assert all(s == states[0] for s in states)
+        assert json.loads(json.dumps(states[0])) == states[0]  # plain types (safe torch.load)
+        for r, ldr in enumerate(ranks):
+            fresh = loader(tmp_path, r, nproc, shuffle=shuffle, seed=5)
+            fresh.set_state(states[r])
+            assert_same(batches(fresh, 20), batches(ldr, 20))
+
+
+def test_loader_state_carries_over_to_another_world_size(tmp_path):
+    """The saved position is one of the shared stream: 2 ranks after k steps are at
+    micro-batch 2k, where one process resumes."""
+    write_shards(tmp_path)
+    stream = batches(loader(tmp_path), 40)
+    ranks = [loader(tmp_path, r, 2) for r in range(2)]
+    for ldr in ranks:
+        batches(ldr, 6)
+    single = loader(tmp_path)
+    single.set_state(ranks[0].state_dict())
+    assert_same(batches(single, 12), stream[12:24])
+
+
+def test_loader_reset_restarts_the_stream(tmp_path):
+    write_shards(tmp_path)
+    ldr = loader(tmp_path, 1, 2)
+    first = batches(ldr, 10)
+    ldr.reset()
+    assert_same(batches(ldr, 10), first)
+
+
+def test_loader_reads_only_its_split(tmp_path):
+    write_shards(tmp_path)
+    val = loader(tmp_path, split="val")
+    assert [p.rsplit("/", 1)[-1] for p in val.paths] == ["edufineweb_val_000000.npy"]
+    x, _ = val.next_batch()
+    assert x.flatten().tolist() == np.load(tmp_path / "edufineweb_val_000000.npy")[:B * T].tolist()
+
+
+@pytest.mark.parametrize("bad", ["int32", "2d"])
+def test_loader_rejects_malformed_shards(tmp_path, bad):
+    write_shards(tmp_path)
+    name = "edufineweb_train_000002.npy"
+    tokens = np.arange(64)
+    np.save(tmp_path / name, tokens.astype(np.int32) if bad == "int32"
+            else tokens.astype(np.uint16).reshape(8, 8))
+    with pytest.raises(UserError, match=name):
+        loader(tmp_path)
+
+
+def test_loader_missing_data(tmp_path):
+    with pytest.raises(UserError, match="fineweb.py"):
+        loader(tmp_path / "does_not_exist")
+    root = tmp_path / "data"
+    root.mkdir()
+    np.save(root / "edufineweb_train_000001.npy", np.zeros(100, dtype=np.uint16))
+    with pytest.raises(UserError, match="fineweb.py") as info:
+        loader(root, split="val")
+    assert "val" in str(info.value)
