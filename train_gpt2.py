@@ -483,8 +483,10 @@ def evaluate_loss(model, loader, val_steps, d, dtype):
 
 @torch.no_grad()
 def generate(model, idx, max_length, top_k=50, temperature=1.0, generator=None,
-             use_kv_cache=False, dtype=torch.float32):
+             use_kv_cache=False, dtype=torch.float32, vocab_limit=None):
     """Extend idx (B, T0) to (B, max_length) tokens: softmax, keep the top_k, sample.
+    vocab_limit: sample only ids below it (the tokenizer's 50257 when the model's vocabulary
+    is padded to 50304: the padding ids have no text and would crash decode).
 
     Without a KV cache every step runs the whole fixed-size (B, max_length) buffer (the
     padding on the right cannot change causal logits), so a compiled model sees one shape
@@ -501,6 +503,8 @@ def generate(model, idx, max_length, top_k=50, temperature=1.0, generator=None,
             else:  # first the whole prompt, then one token at a time
                 new = buf[:, :t] if t == T0 else buf[:, t - 1:t]
                 logits = model(new, kv_cache=kv_cache)[0][:, -1, :]
+        if vocab_limit is not None:
+            logits = logits[:, :vocab_limit]  # (B, vocab_limit): ids keep their meaning
         probs = F.softmax(logits.float() / temperature, dim=-1)
         # top-k sampling (Hugging Face's default of 50): never pick a very unlikely token
         topk_probs, topk_indices = torch.topk(probs, top_k, dim=-1)  # (B, top_k)
@@ -879,7 +883,8 @@ def train(cfg, d):
                 idx = torch.tensor(prompt, dtype=torch.long, device=d.device).repeat(4, 1)
                 sample_rng = torch.Generator(device=d.device)
                 sample_rng.manual_seed(42 + d.rank)
-                out = generate(model, idx, max_length=32, top_k=50, generator=sample_rng, dtype=dtype)
+                out = generate(model, idx, max_length=32, top_k=50, generator=sample_rng, dtype=dtype,
+                               vocab_limit=enc.n_vocab)
                 for i in range(out.size(0)):
                     log(f"rank {d.rank} sample {i}: {enc.decode(out[i].tolist())}")
 

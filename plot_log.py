@@ -1,0 +1,150 @@
+"""
+Plot the losses and HellaSwag accuracy that train_gpt2.py writes to log/log.txt.
+
+    python plot_log.py                                  # log/log.txt -> log/log.png
+    python plot_log.py run_a/log.txt run_b/log.txt --out compare.png
+
+Left: train loss (raw, faint, and an exponential moving average) and val loss, with OpenAI's
+GPT-2 124M val loss on the same FineWeb-Edu val shard as a line. Right: HellaSwag acc_norm with
+GPT-2 124M and GPT-3 124M as lines (SPEC.md, "Results to reproduce"). Several logs are drawn
+together, labelled by their folder names. It also prints min train loss, min val loss and max
+HellaSwag per log. Safe on the log of a running job: a half-written last line is ignored.
+"""
+import argparse
+import math
+import os
+import sys
+
+GPT2_VAL_LOSS = 3.2924  # OpenAI GPT-2 124M on the FineWeb-Edu val shard
+GPT2_HELLA = 0.2945  # GPT-2 124M acc_norm (0.2955 in another measurement, SPEC.md)
+GPT3_HELLA = 0.337  # GPT-3 Small (125M), zero-shot (GPT-3 paper)
+KINDS = ("train", "val", "hella")
+
+
+class LogError(Exception):
+    """A mistake the user can fix: printed as one line, exit status 1."""
+
+
+def parse_log(path):
+    """{"train"|"val"|"hella": ([steps], [values])} from lines "{step} {kind} {value}".
+    The JSON header (the run's config) and anything else unparsable is skipped."""
+    if not os.path.isfile(path):
+        raise LogError(f"log file {path} does not exist")
+    with open(path) as f:
+        lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()  # the trainer is mid-write: "123 train 3.4" may be "123 train 3.45..."
+    data = {kind: ([], []) for kind in KINDS}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 3 or parts[1] not in KINDS or not parts[0].isdigit():
+            continue
+        try:
+            value = float(parts[2])
+        except ValueError:
+            continue
+        data[parts[1]][0].append(int(parts[0]))
+        data[parts[1]][1].append(value)
+    if not any(steps for steps, _ in data.values()):
+        raise LogError(f"{path} has no data lines (expected lines like '0 train 10.98')")
+    return data
+
+
+def ema(values, beta):
+    """Exponential moving average, bias-corrected (as Adam) so it starts at the first value."""
+    out, s = [], 0.0
+    for t, v in enumerate(values, 1):
+        s = beta * s + (1 - beta) * v
+        out.append(s / (1 - beta ** t))
+    return out
+
+
+def labels_for(paths):
+    """The folder name of each log; the folder path where two names would be the same."""
+    names = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
+    if len(set(names)) < len(names):
+        names = [os.path.dirname(p) or "." for p in paths]
+    return names
+
+
+def summary(label, data):
+    def best(kind, pick):
+        steps, values = data[kind]
+        if not values:
+            return "-"
+        i = values.index(pick(values))
+        return f"{values[i]:.4f} (step {steps[i]})"
+    return (f"{label}: min train loss {best('train', min)}, min val loss {best('val', min)}, "
+            f"max HellaSwag {best('hella', max)}")
+
+
+def plot(runs, out, smooth):
+    """runs: [(label, data)]; writes one PNG with two panels."""
+    import matplotlib
+    matplotlib.use("Agg")  # headless: no display needed on a GPU node
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 6))
+    tops = []
+    for i, (label, data) in enumerate(runs):
+        color = f"C{i}"
+        steps, train = data["train"]
+        if train:
+            ax1.plot(steps, train, color=color, alpha=0.2, linewidth=0.5)
+            smoothed = ema(train, smooth) if smooth > 0 else train
+            ax1.plot(steps, smoothed, color=color, label=f"{label} train loss")
+            tops.append(1.25 * smoothed[-1])
+        steps, val = data["val"]
+        if val:
+            ax1.plot(steps, val, color=color, linestyle="--", marker=".", label=f"{label} val loss")
+            tops.append(1.25 * val[-1])
+        steps, hella = data["hella"]
+        if hella:
+            ax2.plot(steps, hella, color=color, marker=".", label=f"{label} HellaSwag")
+    ax1.axhline(GPT2_VAL_LOSS, color="r", linestyle=":", label="OpenAI GPT-2 (124M) val loss")
+    # the first steps (loss ~11) would flatten the rest: show down from 4.0 or the latest level
+    losses = [v for _, d in runs for k in ("train", "val") for v in d[k][1] if math.isfinite(v)]
+    if losses:
+        low = min(min(losses), GPT2_VAL_LOSS)
+        ax1.set_ylim(low - 0.1, min(max(losses), max([4.0] + tops)) + 0.1)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.set_title("Loss")
+    ax1.legend()
+    ax2.axhline(GPT2_HELLA, color="r", linestyle=":", label="OpenAI GPT-2 (124M)")
+    ax2.axhline(GPT3_HELLA, color="g", linestyle=":", label="OpenAI GPT-3 (124M)")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("accuracy (acc_norm)")
+    ax2.set_title("HellaSwag eval")
+    ax2.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Plot train/val loss and HellaSwag from log.txt")
+    parser.add_argument("logs", nargs="*", default=["log/log.txt"], metavar="LOG",
+                        help="log.txt files of train_gpt2.py (default: log/log.txt)")
+    parser.add_argument("--out", help="PNG to write (default: next to the first log, .png)")
+    parser.add_argument("--smooth", type=float, default=0.99,
+                        help="EMA factor for the train loss, in [0, 1) (0: none; default 0.99)")
+    args = parser.parse_args(argv)
+    try:
+        if not 0 <= args.smooth < 1:
+            raise LogError(f"--smooth must be in [0, 1), got {args.smooth}")
+        runs = list(zip(labels_for(args.logs), [parse_log(p) for p in args.logs]))
+        out = args.out or os.path.splitext(args.logs[0])[0] + ".png"
+        for label, data in runs:
+            print(summary(label, data))
+        plot(runs, out, args.smooth)
+    except (LogError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
