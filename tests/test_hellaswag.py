@@ -1,0 +1,334 @@
+"""Tests for hellaswag.py: data, rendering, scoring (against a naive second implementation),
+batching and torch.compile, and the standalone script's errors. CPU, offline."""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+import hellaswag
+import train_gpt2
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_model(seed=0, vocab_size=50257):
+    """A small random GPT, made sharp enough (larger weights than GPT-2's init) that the
+    four endings get clearly different losses."""
+    torch.manual_seed(seed)
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(n_layer=2, n_head=2, n_embd=32,
+                                                vocab_size=vocab_size, block_size=256))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def fold(rendered, vocab_size):
+    """Real examples (their lengths, masks, shared contexts) with token ids folded into a
+    small vocabulary: on this CPU the (rows, T, 50257) logits cost far more than the rest
+    of the model, and the scoring does not care what the ids mean."""
+    return [(tokens % vocab_size, mask, label) for tokens, mask, label in rendered]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: on a small (often shared) CPU, synchronizing two intra-op
+    threads costs more than it saves, up to 10x on the loops of small forward passes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@lru_cache(maxsize=None)
+def val_rendered(n):
+    """The first n val examples, rendered (needs the tiktoken_cache and HELLASWAG_DIR set)."""
+    import itertools
+    enc = hellaswag.get_encoding()
+    return [hellaswag.render_example(e, enc)
+            for e in itertools.islice(hellaswag.iterate_examples("val"), n)]
+
+
+@pytest.fixture
+def val_dir(hellaswag_val_file, monkeypatch):
+    monkeypatch.setenv("HELLASWAG_DIR", str(hellaswag_val_file.parent))
+    return hellaswag_val_file.parent
+
+
+def all_preds(model, rendered, **kw):
+    preds = list(hellaswag.predict(model, rendered, "cpu", **kw))
+    return torch.cat([p for p, _ in preds]), torch.cat([p for _, p in preds])
+
+
+# -----------------------------------------------------------------------------
+# import, data
+
+def test_import_is_cheap():
+    # SPEC defect 8: importing must not build the tokenizer or import transformers
+    code = ("import sys, hellaswag; print(sorted(m for m in ('tiktoken', 'transformers', "
+            "'requests', 'train_gpt2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_data_dir_follows_env(tmp_path, monkeypatch):
+    monkeypatch.delenv("HELLASWAG_DIR", raising=False)
+    assert hellaswag.data_dir() == os.path.join(str(REPO), "hellaswag") == hellaswag.DATA_DIR
+    monkeypatch.setenv("HELLASWAG_DIR", str(tmp_path))
+    assert hellaswag.data_dir() == str(tmp_path)
+
+
+def test_iterate_val_label_counts(val_dir):
+    examples = list(hellaswag.iterate_examples("val"))
+    assert len(examples) == 10042
+    assert Counter(e["label"] for e in examples) == {0: 2515, 1: 2485, 2: 2584, 3: 2458}
+
+
+GOOD = {"ctx": "A man is sitting on a roof. he", "label": 3,
+        "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                    "is holding a rubik's cube.", "starts pulling up roofing on a roof."]}
+
+
+@pytest.mark.parametrize("bad", [
+    '{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 0',  # truncated JSON
+    json.dumps({"endings": GOOD["endings"], "label": 0}),  # no ctx
+    json.dumps({**GOOD, "endings": GOOD["endings"][:3]}),  # 3 endings
+    json.dumps({**GOOD, "endings": [1, 2, 3, 4]}),  # endings not strings
+    json.dumps({**GOOD, "label": 4}),  # label out of range
+    json.dumps({**GOOD, "label": "1"}),  # label a string
+    "[1, 2, 3]",  # not an object
+])
+def test_malformed_line_names_file_and_line(tmp_path, bad):
+    path = tmp_path / "hellaswag_val.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n" + bad + "\n")
+    examples = hellaswag.iterate_examples("val", data_dir=tmp_path)
+    assert next(examples)["label"] == 3
+    next(examples)
+    with pytest.raises(hellaswag.HellaSwagError, match=r"line 3\b") as err:
+        next(examples)
+    assert str(path) in str(err.value)
+
+
+def test_download_uses_local_file_without_network(tmp_path, monkeypatch):
+    import requests
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("download() went to the network although the file is there")
+    monkeypatch.setattr(requests, "get", no_network)
+    path = tmp_path / "hellaswag_val.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n")
+    assert hellaswag.download("val", data_dir=tmp_path) == str(path)
+    monkeypatch.setenv("HELLASWAG_DIR", str(tmp_path))
+    assert hellaswag.download("val") == str(path)
+    assert [e["label"] for e in hellaswag.iterate_examples("val")] == [3]
+
+
+def test_download_without_network_says_where_to_put_the_file(tmp_path, monkeypatch):
+    import requests
+
+    def no_network(*args, **kwargs):
+        raise requests.ConnectionError("no network")
+    monkeypatch.setattr(requests, "get", no_network)
+    folder = tmp_path / "data"
+    monkeypatch.setenv("HELLASWAG_DIR", str(folder))
+    with pytest.raises(hellaswag.HellaSwagError) as err:
+        hellaswag.download("val")
+    msg = str(err.value)
+    assert "hellaswag_val.jsonl" in msg and str(folder) in msg and "HELLASWAG_DIR" in msg
+    assert "\n" not in msg and not folder.exists()  # one line; nothing half-written
+
+
+# -----------------------------------------------------------------------------
+# rendering
+
+def test_render_known_example(tiktoken_cache):
+    enc = hellaswag.get_encoding()
+    tokens, mask, label = hellaswag.render_example(GOOD, enc)
+    ctx = enc.encode(GOOD["ctx"])
+    endings = [enc.encode(" " + e) for e in GOOD["endings"]]
+    N = len(ctx) + max(len(e) for e in endings)
+    assert label == 3
+    assert tokens.shape == mask.shape == (4, N) and tokens.dtype == mask.dtype == torch.long
+    for i, end in enumerate(endings):
+        n = len(ctx) + len(end)
+        assert tokens[i, :n].tolist() == ctx + end  # context, then " " + ending
+        assert tokens[i, n:].tolist() == [0] * (N - n)  # right padding with zeros
+        assert mask[i].tolist() == [0] * len(ctx) + [1] * len(end) + [0] * (N - n)
+    # the text round-trips: the space belongs to the ending
+    assert enc.decode(tokens[0, :len(ctx) + len(endings[0])].tolist()) == \
+        GOOD["ctx"] + " " + GOOD["endings"][0]
+
+
+def test_render_val_examples(tiktoken_cache, val_dir):
+    enc = hellaswag.get_encoding()
+    examples = list(hellaswag.iterate_examples("val"))[:50]
+    for example, (tokens, mask, label) in zip(examples, val_rendered(50)):
+        ctx = enc.encode(example["ctx"])
+        assert label == example["label"]
+        assert tokens[:, :len(ctx)].tolist() == [ctx] * 4 and mask[:, :len(ctx)].sum() == 0
+        for i, ending in enumerate(example["endings"]):
+            end = enc.encode(" " + ending)
+            assert mask[i].sum() == len(end)
+            assert tokens[i][mask[i].bool()].tolist() == end
+    # longest val example: 166 tokens (checked over all 10,042), so 192 after rounding
+    longest = [(torch.zeros(4, 166), None, 0), (torch.zeros(4, 7), None, 1)]
+    assert hellaswag.pad_length(longest) == 192
+    assert hellaswag.pad_length([(torch.zeros(4, 64), None, 0)]) == 64
+
+
+# -----------------------------------------------------------------------------
+# scoring: against a deliberately naive implementation
+
+def naive_predict(model, tokens, mask):
+    """One row at a time, each at its own length (no padding), float64, Python sums."""
+    sums, means = [], []
+    for row in range(4):
+        ending = [t for t, m in enumerate(mask[row].tolist()) if m == 1]
+        ids = tokens[row, :ending[-1] + 1]
+        with torch.no_grad():
+            logits, _ = model(ids[None])  # (1, T, V)
+        # the logits at t-1 predict token t
+        logp = torch.log_softmax(logits[0, [t - 1 for t in ending]].double(), dim=-1)
+        total = 0.0
+        for i, t in enumerate(ending):
+            total += -logp[i, ids[t]].item()
+        sums.append(total)
+        means.append(total / len(ending))
+    return sums.index(min(sums)), means.index(min(means)), sums, means
+
+
+@pytest.mark.parametrize("vocab_size,n", [(1024, 300), (50257, 24)])
+def test_score_matches_naive_implementation(tiktoken_cache, val_dir, vocab_size, n):
+    model = tiny_model(vocab_size=vocab_size)
+    rendered = fold(val_rendered(n), vocab_size)
+    pred, pred_norm = all_preds(model, rendered, batch_size=16)
+    expected, expected_norm, margins = [], [], []
+    for tokens, mask, _ in rendered:
+        p, pn, sums, means = naive_predict(model, tokens, mask)
+        expected.append(p)
+        expected_norm.append(pn)
+        margins += [sorted(sums)[1] - sorted(sums)[0], sorted(means)[1] - sorted(means)[0]]
+    assert min(margins) > 1e-4, "a near tie: predictions would depend on rounding"
+    assert pred.tolist() == expected
+    assert pred_norm.tolist() == expected_norm
+    if n >= 100:
+        assert len(set(pred_norm.tolist())) == 4  # the model is not stuck on one answer
+
+
+def test_score_on_hand_made_logits():
+    # two examples (8 rows), V = 3, L = 4; the context is token 0 of each row, and each
+    # ending token t gets probability exp(-loss): row losses chosen so that acc and acc_norm
+    # disagree. Example 0, rows: [3.0], [1.0, 1.4], [1.25, 1.25], [2.3]
+    # -> sums 3.0, 2.4, 2.5, 2.3 (acc: row 3); means 3.0, 1.2, 1.25, 2.3 (acc_norm: row 1).
+    # Example 1 is example 0 with its rows reversed: acc row 0, acc_norm row 2.
+    row_losses = [[3.0], [1.0, 1.4], [1.25, 1.25], [2.3]]
+    row_losses = row_losses + row_losses[::-1]
+    torch.manual_seed(0)
+    V, L = 3, 4
+    tokens = torch.randint(0, V, (8, L))
+    mask = torch.zeros(8, L, dtype=torch.long)
+    logits = torch.randn(8, L, V) * 5  # anything at positions that are not scored
+    for r, losses in enumerate(row_losses):
+        for j, loss in enumerate(losses):
+            t = 1 + j  # ending token t, predicted by the logits at t - 1
+            mask[r, t] = 1
+            p = torch.full((V,), (1 - torch.exp(torch.tensor(-loss)).item()) / (V - 1))
+            p[tokens[r, t]] = torch.exp(torch.tensor(-loss))
+            logits[r, t - 1] = p.log() + 7.0  # a constant shift does not change softmax
+    pred, pred_norm = hellaswag.score(logits, tokens, mask)
+    assert pred.tolist() == [3, 0] and pred_norm.tolist() == [1, 2]
+    # bf16 logits are upcast: same answers
+    pred, pred_norm = hellaswag.score(logits.bfloat16(), tokens, mask)
+    assert pred.tolist() == [3, 0] and pred_norm.tolist() == [1, 2]
+
+
+# -----------------------------------------------------------------------------
+# batching and torch.compile
+
+def test_batched_equals_unbatched(tiktoken_cache, val_dir):
+    model = tiny_model(seed=1, vocab_size=1024)
+    rendered = fold(val_rendered(200), 1024)
+    one = all_preds(model, rendered, batch_size=1)
+    # several examples per pass, a partial last batch (200 = 28 * 7 + 4), extra padding
+    for kw in (dict(batch_size=16), dict(batch_size=7), dict(batch_size=8, seq_len=256)):
+        batched = all_preds(model, rendered, **kw)
+        assert batched[0].tolist() == one[0].tolist() and batched[1].tolist() == one[1].tolist(), kw
+    labels = torch.tensor([label for _, _, label in rendered])
+    expected = ((one[0] == labels).sum().item(), (one[1] == labels).sum().item(), 200)
+    assert hellaswag.evaluate(model, rendered, "cpu", batch_size=16) == expected
+
+
+def test_sequence_longer_than_block_size_is_an_error(tiktoken_cache, val_dir):
+    model = tiny_model()
+    with pytest.raises(hellaswag.HellaSwagError, match="block_size"):
+        list(hellaswag.predict(model, val_rendered(20), "cpu", seq_len=288))
+
+
+def test_compiled_model_compiles_once(tiktoken_cache, val_dir):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    model = tiny_model(seed=2)
+    rendered = val_rendered(20)
+    expected = hellaswag.evaluate(model, rendered, "cpu", batch_size=8)
+    counter = CompileCounterWithBackend("inductor")  # counts the frames dynamo compiles
+    compiled = torch.compile(model, backend=counter, dynamic=False)
+    # 20 examples in batches of 8: two full batches and a partial one, all the same shape
+    assert hellaswag.evaluate(compiled, rendered, "cpu", batch_size=8) == expected
+    # a second evaluation (the training loop's next one) reuses the compiled graph
+    seq_len = hellaswag.pad_length(rendered)
+    assert hellaswag.evaluate(compiled, rendered[:8], "cpu", batch_size=8, seq_len=seq_len) == \
+        hellaswag.evaluate(model, rendered[:8], "cpu", batch_size=8, seq_len=seq_len)
+    assert counter.frame_count == 1, f"compiled {counter.frame_count} times"
+    torch._dynamo.reset()
+
+
+# -----------------------------------------------------------------------------
+# the standalone script
+
+def test_main_needs_exactly_one_model(capsys):
+    for argv in (["-m", "gpt2", "--checkpoint", "x.pt"], []):
+        assert hellaswag.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_main_without_data_or_network(tiktoken_cache, tmp_path, monkeypatch, capsys):
+    import requests
+
+    def no_network(*args, **kwargs):
+        raise requests.ConnectionError("no network")
+    monkeypatch.setattr(requests, "get", no_network)
+    monkeypatch.setenv("HELLASWAG_DIR", str(tmp_path))
+    assert hellaswag.main(["-m", "gpt2", "-d", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(tmp_path) in err, err
+
+
+def test_main_prints_acc(tiktoken_cache, val_dir, monkeypatch, capsys):
+    # -m gpt2 without Hugging Face: from_pretrained returns our tiny random model
+    model = tiny_model(seed=3)
+    monkeypatch.setattr(train_gpt2.GPT, "from_pretrained", classmethod(lambda cls, name: model))
+    assert hellaswag.main(["-m", "gpt2", "-d", "cpu", "--limit", "10", "--batch_size", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    c, cn, n = hellaswag.evaluate(model, val_rendered(10), "cpu", batch_size=1)
+    assert n == 10 and 0 < cn < 10
+    assert out[-2:] == [f"acc: {c}/10 = {c / 10:.4f}", f"acc_norm: {cn}/10 = {cn / 10:.4f}"]
+
+
+def test_main_foreign_checkpoint_is_one_line_error(tiktoken_cache, val_dir, tmp_path):
+    path = tmp_path / "not_ours.pt"
+    torch.save({"foo": 1}, path)
+    res = subprocess.run([sys.executable, "hellaswag.py", "--checkpoint", str(path), "-d", "cpu",
+                          "--limit", "4"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "HELLASWAG_DIR": str(val_dir)})
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert "Traceback" not in res.stderr
