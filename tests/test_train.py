@@ -146,3 +146,49 @@ def test_two_processes_equal_one_process(tmp_path):
     # the shards hold 5, 5 and 6 micro-batches of 64 tokens: odd counts, so the two ranks
     # crossed shard boundaries in the middle of a pair, and 6 x 4 micro-batches wrapped around
     assert [(300 + 37 * i - 1) // 64 for i in (1, 2, 3)] == [5, 5, 6]
+
+
+def hella_rows(log_dir):
+    return [(s, v) for s, k, v in read_log(log_dir)[1] if k == "hella"]
+
+
+@pytest.fixture
+def hella_env(tiktoken_cache, hellaswag_val_file, monkeypatch):
+    monkeypatch.setenv("HELLASWAG_DIR", str(hellaswag_val_file.parent))
+
+
+def test_compiled_run_evaluates_samples_and_agrees_with_eager(tmp_path, hella_env):
+    """--compile 1 keeps val loss, HellaSwag and sampling on (the reference skipped them),
+    compiles each shape once, and gives the eager model's numbers; the standalone
+    hellaswag.py agrees with the in-training figure on the same checkpoint."""
+    data = make_shards(tmp_path / "data")
+    eager, compiled = str(tmp_path / "eager"), str(tmp_path / "compiled")
+    common = dict(vocab_size=50304, max_steps=3, eval_interval=1, checkpoint_interval=100,
+                  hellaswag=1, hellaswag_limit=8, sample=1)
+    run(tiny_args(data, eager, compile=0, **common))
+    p = run(tiny_args(data, compiled, compile=1, **common), env={"TORCH_LOGS": "recompiles"})
+    assert "compile on" in p.stdout
+    # one graph for training, then one each for no-grad val, HellaSwag and sampling
+    # shapes; the second and third evaluations recompile nothing
+    assert p.stderr.count("Recompiling function forward") == 3, p.stderr[-3000:]
+    assert p.stdout.count("rank 0 sample 0: Hello, I'm a language model,") == 2  # steps 1, 2
+    _, rows_eager = read_log(eager)
+    _, rows_compiled = read_log(compiled)
+    assert [r[:2] for r in rows_eager] == [r[:2] for r in rows_compiled]
+    assert [s for s, k, _ in rows_compiled if k == "hella"] == [0, 1, 2]
+    for (s, k, a), (_, _, b) in zip(rows_eager, rows_compiled):
+        assert a == pytest.approx(b, abs=2e-4), (s, k)
+    # the last checkpoint holds the weights that the last evaluation scored
+    p = run(["--checkpoint", os.path.join(eager, "model_00002.pt"), "--limit", "8", "-d", "cpu"],
+            script="hellaswag.py")
+    acc_norm = dict(hella_rows(eager))[2]
+    assert re.search(rf"acc_norm: \d+/8 = {acc_norm:.4f}", p.stdout), p.stdout
+
+
+def test_hellaswag_two_processes_count_like_one(tmp_path, hella_env):
+    data = make_shards(tmp_path / "data")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    common = dict(vocab_size=50304, max_steps=1, hellaswag=1, hellaswag_limit=9)
+    run(tiny_args(data, one, **common))
+    run(tiny_args(data, two, **common), torchrun=2)  # 5 examples on rank 0, 4 on rank 1
+    assert hella_rows(one) == hella_rows(two) and len(hella_rows(one)) == 1
