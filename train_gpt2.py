@@ -37,6 +37,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 
+import fineweb  # only for where it writes the shards (it imports nothing heavy)
+
 
 class UserError(Exception):
     """A mistake the user can fix: printed as one line, exit status 1, no traceback."""
@@ -592,13 +594,10 @@ def set_rng_state(state):
 # -----------------------------------------------------------------------------
 # Config: one dataclass, every field a --flag; the defaults are the lecture's run
 
-DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "edu_fineweb10B")
-
-
 @dataclass
 class TrainConfig:
     # files
-    data_root: str = DATA_ROOT  # token shards from fineweb.py (next to this file)
+    data_root: str = fineweb.LOCAL_DIR  # token shards from fineweb.py (next to the scripts)
     log_dir: str = "log"  # log.txt and checkpoints model_{step:05d}.pt
     # model: GPT-2 124M, vocab padded 50257 -> 50304 = 393 * 128 (faster kernels)
     n_layer: int = 12  # transformer blocks
