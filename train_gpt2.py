@@ -18,6 +18,7 @@ A CPU smoke run on a tiny model (see README.md for the data step):
 """
 import argparse
 import dataclasses
+import gc
 import glob
 import inspect
 import json
@@ -422,6 +423,9 @@ def all_reduce_sum(tensor, d):
 
 def cleanup_distributed(d):
     if d.ddp and dist.is_initialized():
+        # DDP sits in a reference cycle: free it now, while the process group is alive (left
+        # to the interpreter's exit, gloo sometimes aborts with "terminate called ...")
+        gc.collect()
         dist.destroy_process_group()
 
 
