@@ -245,24 +245,6 @@ def evaluate(model, rendered, device, batch_size=16, seq_len=None, autocast_dtyp
 # -----------------------------------------------------------------------------
 # Standalone evaluation of GPT-2 or of one of our checkpoints
 
-def get_encoding():
-    """GPT-2's tokenizer. tiktoken downloads its files once, or reads TIKTOKEN_CACHE_DIR."""
-    import tiktoken
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken surfaces network failures as various exceptions
-        raise HellaSwagError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); without "
-                             "network, set TIKTOKEN_CACHE_DIR to its files' folder") from None
-
-
-def default_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="HellaSwag accuracy of GPT-2 or of a checkpoint")
     parser.add_argument("-m", "--model_type", choices=MODEL_TYPES,
@@ -275,32 +257,29 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="autocast dtype; default bfloat16 on cuda, float32 elsewhere")
     args = parser.parse_args(argv)
+    import train_gpt2  # the model, its checkpoint format and the tokenizer loader live there
     try:
         if (args.model_type is None) == (args.checkpoint is None):
             raise HellaSwagError("give exactly one of -m/--model_type and --checkpoint")
         if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
             raise HellaSwagError("--limit and --batch_size must be positive")
-        device = args.device or default_device()
+        device = args.device or train_gpt2.auto_device()
         dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         # the data first: a missing or broken file fails before a big model is loaded
-        enc = get_encoding()
+        enc = train_gpt2.gpt2_tokenizer()
         examples = itertools.islice(iterate_examples(args.split), args.limit)
         rendered = [render_example(example, enc) for example in examples]
         if not rendered:
             raise HellaSwagError(f"no examples in the {args.split} split")
-        import train_gpt2  # the model (and its checkpoint format) live there
-        try:
-            if args.model_type:
-                try:
-                    model = train_gpt2.GPT.from_pretrained(args.model_type)
-                except OSError as e:
-                    raise HellaSwagError(f"cannot load {args.model_type} from Hugging Face: "
-                                         f"{str(e).splitlines()[0]}") from None
-                model.to(device)
-            else:
-                model = train_gpt2.model_from_checkpoint(args.checkpoint, device)
-        except train_gpt2.UserError as e:
-            raise HellaSwagError(str(e)) from None
+        if args.model_type:
+            try:
+                model = train_gpt2.GPT.from_pretrained(args.model_type)
+            except OSError as e:
+                raise HellaSwagError(f"cannot load {args.model_type} from Hugging Face: "
+                                     f"{str(e).splitlines()[0]}") from None
+            model.to(device)
+        else:
+            model = train_gpt2.model_from_checkpoint(args.checkpoint, device)
         model.eval()
         name = args.model_type or args.checkpoint
         seq_len = pad_length(rendered)
@@ -309,7 +288,7 @@ def main(argv=None):
         num_correct, num_correct_norm, num_total = evaluate(
             model, rendered, device, batch_size=args.batch_size, seq_len=seq_len,
             autocast_dtype=getattr(torch, dtype), progress=True)
-    except HellaSwagError as e:
+    except (HellaSwagError, train_gpt2.UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"acc: {num_correct}/{num_total} = {num_correct / num_total:.4f}")

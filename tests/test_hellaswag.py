@@ -51,7 +51,7 @@ def one_thread():
 def val_rendered(n):
     """The first n val examples, rendered (needs the tiktoken_cache and HELLASWAG_DIR set)."""
     import itertools
-    enc = hellaswag.get_encoding()
+    enc = train_gpt2.gpt2_tokenizer()
     return [hellaswag.render_example(e, enc)
             for e in itertools.islice(hellaswag.iterate_examples("val"), n)]
 
@@ -150,7 +150,7 @@ def test_download_without_network_says_where_to_put_the_file(tmp_path, monkeypat
 # rendering
 
 def test_render_known_example(tiktoken_cache):
-    enc = hellaswag.get_encoding()
+    enc = train_gpt2.gpt2_tokenizer()
     tokens, mask, label = hellaswag.render_example(GOOD, enc)
     ctx = enc.encode(GOOD["ctx"])
     endings = [enc.encode(" " + e) for e in GOOD["endings"]]
@@ -168,7 +168,7 @@ def test_render_known_example(tiktoken_cache):
 
 
 def test_render_val_examples(tiktoken_cache, val_dir):
-    enc = hellaswag.get_encoding()
+    enc = train_gpt2.gpt2_tokenizer()
     examples = list(hellaswag.iterate_examples("val"))[:50]
     for example, (tokens, mask, label) in zip(examples, val_rendered(50)):
         ctx = enc.encode(example["ctx"])
