@@ -242,6 +242,11 @@ def flops_per_token(config, T):
     return 6 * num_parameters(config) + 12 * config.n_layer * config.n_embd * T
 
 
+def mfu(tokens_per_sec, config, T, peak_tflops):
+    """Model FLOPs utilization, a fraction: the FLOPs the model needs / what the chip peaks at."""
+    return tokens_per_sec * flops_per_token(config, T) / (peak_tflops * 1e12)
+
+
 # -----------------------------------------------------------------------------
 # Data: token shards written by fineweb.py, read a batch at a time
 
@@ -638,7 +643,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # accelerator peak for MFU (0: look the GPU up in PEAK_TFLOPS)
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -652,7 +657,7 @@ def str2bool(s):
 
 
 def parse_args(argv=None):
-    parser = _Parser(description="Train GPT-2 (124M) on FineWeb-Edu; defaults = the lecture's run.")
+    parser = OneLineParser(description="Train GPT-2 (124M) on FineWeb-Edu; defaults = the lecture's run.")
     # --help shows each field's comment from the dataclass above
     comments = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(TrainConfig), re.M))
     for field in dataclasses.fields(TrainConfig):
@@ -824,7 +829,6 @@ def train(cfg, d):
     log(f"data: {len(train_loader.paths)} train shards, {len(val_loader.paths)} val shards "
         f"in {cfg.data_root}")
     peak = cfg.peak_tflops or (peak_tflops(device_name) if d.device_type == "cuda" else None)
-    flops = flops_per_token(model_config, T)
     if d.device_type == "cuda" and not peak:
         log(f"MFU not shown: unknown peak for {device_name} (pass --peak_tflops)")
 
@@ -906,9 +910,9 @@ def train(cfg, d):
             dt = time.time() - t0
             loss = loss_sum / d.world_size  # the mean over ranks
             tokens_per_sec = cfg.total_batch_size / dt
-            mfu = f" | mfu {100 * tokens_per_sec * flops / (peak * 1e12):.1f}%" if peak else ""
+            mfu_text = f" | mfu {100 * mfu(tokens_per_sec, model_config, T, peak):.1f}%" if peak else ""
             log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-                f"dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}{mfu}")
+                f"dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}{mfu_text}")
             write_log(f"{step} train {loss:.6f}")
             if stop_votes > 0 and not last_step:
                 checkpoint_now(step + 1)
