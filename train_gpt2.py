@@ -21,6 +21,7 @@ import dataclasses
 import gc
 import glob
 import inspect
+import itertools
 import json
 import math
 import os
@@ -807,9 +808,8 @@ def train(cfg, d):
                 hellaswag.download("val")
             if d.ddp:
                 dist.barrier()  # the others wait for rank 0's download
-            examples = hellaswag.iterate_examples("val")
-            rendered = [hellaswag.render_example(ex, enc) for _, ex in
-                        zip(range(cfg.hellaswag_limit or 10**9), examples)]
+            examples = itertools.islice(hellaswag.iterate_examples("val"), cfg.hellaswag_limit or None)
+            rendered = [hellaswag.render_example(example, enc) for example in examples]
         except hellaswag.HellaSwagError as e:
             raise UserError(str(e)) from None
         hella_len = hellaswag.pad_length(rendered)  # one shape on every rank: one compilation
