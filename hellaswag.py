@@ -271,16 +271,7 @@ def main(argv=None):
         rendered = [render_example(example, enc) for example in examples]
         if not rendered:
             raise HellaSwagError(f"no examples in the {args.split} split")
-        if args.model_type:
-            try:
-                model = train_gpt2.GPT.from_pretrained(args.model_type)
-            except OSError as e:
-                raise HellaSwagError(f"cannot load {args.model_type} from Hugging Face: "
-                                     f"{str(e).splitlines()[0]}") from None
-            model.to(device)
-        else:
-            model = train_gpt2.model_from_checkpoint(args.checkpoint, device)
-        model.eval()
+        model = train_gpt2.load_model(args.checkpoint, args.model_type, device)
         name = args.model_type or args.checkpoint
         seq_len = pad_length(rendered)
         print(f"{name}: {len(rendered)} {args.split} examples, device {device}, dtype {dtype}, "

@@ -20,17 +20,6 @@ import train_gpt2
 from train_gpt2 import UserError
 
 
-def load_model(checkpoint, model_type, device):
-    if model_type:
-        try:
-            model = train_gpt2.GPT.from_pretrained(model_type)
-        except OSError as e:  # offline without the weights in the Hugging Face cache
-            raise UserError(f"cannot load {model_type} from Hugging Face: "
-                            f"{str(e).splitlines()[0]}") from None
-        return model.to(device).eval()
-    return train_gpt2.model_from_checkpoint(checkpoint, device)
-
-
 def sample(model, enc, prompt, num_samples=4, max_new_tokens=24, top_k=50, temperature=1.0,
            seed=42, dtype=torch.float32, use_kv_cache=True):
     """(B, T0 + max_new_tokens) token ids: num_samples continuations of prompt."""
@@ -82,7 +71,7 @@ def main(argv=None):
         device = args.device or train_gpt2.auto_device()
         dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         enc = train_gpt2.gpt2_tokenizer()  # before the model: a missing tokenizer fails fast
-        model = load_model(args.checkpoint, args.model_type, device)
+        model = train_gpt2.load_model(args.checkpoint, args.model_type, device)
         out = sample(model, enc, args.prompt, args.num_samples, args.max_new_tokens, args.top_k,
                      args.temperature, args.seed, getattr(torch, dtype), not args.no_kv_cache)
     except UserError as e:

@@ -583,6 +583,18 @@ def model_from_checkpoint(path, device="cpu"):
     return model.to(device).eval()
 
 
+def load_model(checkpoint=None, model_type=None, device="cpu"):
+    """One of our checkpoints, or OpenAI's weights ('gpt2', ...) through Hugging Face."""
+    if checkpoint is not None:
+        return model_from_checkpoint(checkpoint, device)
+    try:
+        model = GPT.from_pretrained(model_type)
+    except OSError as e:  # offline, and the weights are not in Hugging Face's cache
+        raise UserError(f"cannot load {model_type} from Hugging Face: "
+                        f"{str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
 def rng_state():
     """RNG states of this process. Training draws no random numbers after the init (no
     dropout), but a resumed run should not depend on that staying true."""
