@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 # -----------------------------------------------------------------------------
-# The real run (train_gpt2.py imports LOCAL_DIR and shard_filename)
+# The real run (train_gpt2.py imports LOCAL_DIR)
 
 DATASET, CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
 LOCAL_DIR = str(Path(__file__).resolve().parent / "edu_fineweb10B")  # next to the script, not the cwd

@@ -254,8 +254,9 @@ def main(argv=None):
     parser.add_argument("--split", default="val", choices=SPLITS)
     parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
     parser.add_argument("--batch_size", type=int, default=16, help="examples per forward pass")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="autocast dtype; default bfloat16 on cuda, float32 elsewhere")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="autocast dtype (default float32, with TF32 matmuls on CUDA: the "
+                        "setting of the reference figures; training evaluates in bfloat16)")
     args = parser.parse_args(argv)
     import train_gpt2  # the model, its checkpoint format and the tokenizer loader live there
     try:
@@ -264,7 +265,9 @@ def main(argv=None):
         if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
             raise HellaSwagError("--limit and --batch_size must be positive")
         device = args.device or train_gpt2.auto_device()
-        dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        dtype = args.dtype
+        if device.startswith("cuda"):
+            torch.set_float32_matmul_precision("high")  # TF32, as the reference evaluated
         # the data first: a missing or broken file fails before a big model is loaded
         enc = train_gpt2.gpt2_tokenizer()
         examples = itertools.islice(iterate_examples(args.split), args.limit)

@@ -276,7 +276,8 @@ class DataLoaderLite:
     order each epoch (seeded, the same on every rank); the default is the reference's order.
     """
 
-    def __init__(self, B, T, process_rank, num_processes, split, data_root, shuffle=False, seed=0):
+    def __init__(self, B, T, process_rank, num_processes, split, data_root=fineweb.LOCAL_DIR,
+                 shuffle=False, seed=0):
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
         self.shuffle, self.seed = shuffle, seed
@@ -571,8 +572,11 @@ def load_checkpoint(path):
 
 
 def list_checkpoints(log_dir):
-    """Complete checkpoints in log_dir, oldest first (.tmp files are unfinished writes)."""
-    return sorted(glob.glob(os.path.join(log_dir, "model_[0-9][0-9][0-9][0-9][0-9].pt")))
+    """(step, path) of the complete checkpoints in log_dir, oldest first (.tmp files are
+    unfinished writes)."""
+    found = [(re.fullmatch(r"model_(\d+)\.pt", os.path.basename(p)), p)
+             for p in glob.glob(os.path.join(log_dir, "model_*.pt"))]
+    return sorted((int(m.group(1)), p) for m, p in found if m)
 
 
 def model_from_checkpoint(path, device="cpu"):
@@ -601,7 +605,7 @@ def rng_state():
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
              "numpy_pos": int(np.random.get_state()[2]), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's GPU only: resumable on fewer GPUs
     return state
 
 
@@ -610,7 +614,7 @@ def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # -----------------------------------------------------------------------------
@@ -702,7 +706,7 @@ def find_checkpoint(cfg, log):
         return None, None
     if cfg.resume != "auto":
         return cfg.resume, load_checkpoint(cfg.resume)
-    for path in reversed(list_checkpoints(cfg.log_dir)):  # newest first
+    for _, path in reversed(list_checkpoints(cfg.log_dir)):  # newest first
         try:
             return path, load_checkpoint(path)
         except UserError as e:  # e.g. a file cut short by a full disk
@@ -767,6 +771,10 @@ def train(cfg, d):
                         f"B*T*world_size = {B}*{T}*{d.world_size} = {B * T * d.world_size}")
     if cfg.n_embd % cfg.n_head != 0:
         raise UserError(f"--n_embd {cfg.n_embd} is not a multiple of --n_head {cfg.n_head}")
+    for name in ("micro_batch_size", "sequence_length", "max_steps", "eval_interval", "val_steps",
+                 "checkpoint_interval"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1, not {getattr(cfg, name)}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise UserError(f"--dtype must be float32 or bfloat16, not {cfg.dtype}")
     grad_accum_steps = cfg.total_batch_size // (B * T * d.world_size)
@@ -795,6 +803,8 @@ def train(cfg, d):
     if resumed:
         check_resumable(resume_path, checkpoint, model_config, cfg)
         raw_model.load_state_dict(checkpoint["model"])
+        for saved, group in zip(checkpoint["optimizer"]["param_groups"], optimizer.param_groups):
+            saved["fused"] = group["fused"]  # fused or not is this machine's choice (CUDA or not)
         optimizer.load_state_dict(checkpoint["optimizer"])
         train_loader.set_state(checkpoint["loader"])
         set_rng_state(checkpoint["rng"])
@@ -816,10 +826,13 @@ def train(cfg, d):
     if cfg.hellaswag:
         import hellaswag
         try:
-            if d.master_process:
-                hellaswag.download("val")
-            if d.ddp:
-                dist.barrier()  # the others wait for rank 0's download
+            try:
+                if d.master_process:
+                    hellaswag.download("val")  # once, before the other ranks look for it
+            finally:
+                if d.ddp:
+                    dist.barrier()
+            hellaswag.download("val")  # now a no-op (or the same error as rank 0's, on every rank)
             examples = itertools.islice(hellaswag.iterate_examples("val"), cfg.hellaswag_limit or None)
             rendered = [hellaswag.render_example(example, enc) for example in examples]
         except hellaswag.HellaSwagError as e:
@@ -869,8 +882,9 @@ def train(cfg, d):
             "step": step, "val_loss": val_loss, "optimizer": optimizer.state_dict(),
             "train_config": dataclasses.asdict(cfg), "loader": train_loader.state_dict(),
             "world_size": d.world_size, "rng": rng_state()})
-        if cfg.keep_checkpoints > 0:
-            for old in list_checkpoints(cfg.log_dir)[:-cfg.keep_checkpoints]:
+        if cfg.keep_checkpoints > 0:  # the newest N up to this one (not a later, abandoned run's)
+            older = [p for s, p in list_checkpoints(cfg.log_dir) if s <= step]
+            for old in older[:-cfg.keep_checkpoints]:
                 os.remove(old)
         log(f"saved {path}")
 

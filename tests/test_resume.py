@@ -142,3 +142,23 @@ def test_resume_auto_without_checkpoint_starts_fresh(data, tmp_path):
     assert "no checkpoint" in p.stdout and "starting fresh" in p.stdout
     _, rows = read_log(log_dir)
     assert [s for s, k, _ in rows if k == "train"] == [0, 1]
+
+
+def test_keep_checkpoints_never_deletes_the_one_just_written(data, tmp_path):
+    """Resuming an early checkpoint of a longer run: --keep_checkpoints counts back from the
+    checkpoint being written, not from the abandoned run's later ones."""
+    log_dir = str(tmp_path / "log")
+    assert train_gpt2.main(tiny_args(data, log_dir)) == 0  # checkpoints 3, 6, 7
+    assert train_gpt2.main(tiny_args(data, log_dir, max_steps=6, checkpoint_interval=2,
+                                     keep_checkpoints=1,
+                                     resume=os.path.join(log_dir, "model_00003.pt"))) == 0
+    assert sorted(n for n in os.listdir(log_dir) if n.endswith(".pt")) == \
+        ["model_00005.pt", "model_00006.pt", "model_00007.pt"]
+    assert torch.load(os.path.join(log_dir, "model_00005.pt"))["step"] == 5
+
+
+def test_checkpoints_past_step_99999_are_found(tmp_path):
+    for step in (99999, 100000, 5):
+        open(tmp_path / f"model_{step:05d}.pt", "w").close()
+    open(tmp_path / "model_100001.pt.tmp", "w").close()
+    assert [s for s, _ in train_gpt2.list_checkpoints(str(tmp_path))] == [5, 99999, 100000]

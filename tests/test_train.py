@@ -103,6 +103,7 @@ def test_keep_checkpoints(tmp_path):
     ("seq", "longer than --block_size"),
     ("flag", "unrecognized arguments: --learning_rate"),
     ("bool", "expected 1/0/true/false"),
+    ("interval", "--eval_interval must be at least 1"),
 ])
 def test_bad_input_one_line_no_traceback(tmp_path, case, expect):
     data = make_shards(tmp_path / "data")
@@ -121,6 +122,8 @@ def test_bad_input_one_line_no_traceback(tmp_path, case, expect):
         args.append("--learning_rate=1")
     elif case == "bool":
         args.append("--sample=maybe")
+    elif case == "interval":
+        args.append("--eval_interval=0")
     p = run(args, check=False)
     assert p.returncode != 0
     assert "Traceback" not in p.stderr
