@@ -23,7 +23,7 @@ import tempfile
 import torch
 
 import train_gpt2
-from train_gpt2 import HF_TRANSPOSED, UserError
+from train_gpt2 import HF_BUFFERS, HF_TRANSPOSED, UserError
 
 GPT2_VOCAB = 50257  # the tokenizer's vocabulary; the rows above it are padding
 # GPT-2's tokenizer files as tiktoken caches them: file name = sha1(url), and their sha256
@@ -47,8 +47,7 @@ def to_hf(model):
     hf_model = GPT2LMHeadModel(hf_config).eval()
     sd_hf = hf_model.state_dict()
     sd = model.state_dict()
-    # HF may keep the causal mask as buffers (attn.bias, attn.masked_bias): not weights
-    keys = [k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    keys = [k for k in sd_hf if not k.endswith(HF_BUFFERS)]  # weights only
     assert set(keys) == set(sd), f"key mismatch: {sorted(set(keys) ^ set(sd))}"
     with torch.no_grad():
         for k in keys:

@@ -133,6 +133,8 @@ class Block(nn.Module):
 
 # Hugging Face stores these four weights as Conv1D, i.e. (in, out): transpose them.
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# ... and may keep the causal mask as buffers, which are not weights (we use is_causal).
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 # The four released GPT-2 sizes (all: vocab 50257, block_size 1024).
 PRETRAINED = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -205,9 +207,7 @@ class GPT(nn.Module):
             assert dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd) == PRETRAINED[model_type]
         model = GPT(config)
         sd = model.state_dict()
-        # HF keeps the causal mask as buffers; we use is_causal instead
-        sd_hf = {k: v for k, v in hf_model.state_dict().items()
-                 if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        sd_hf = {k: v for k, v in hf_model.state_dict().items() if not k.endswith(HF_BUFFERS)}
         assert set(sd_hf) == set(sd), f"key mismatch: {sorted(set(sd_hf) ^ set(sd))}"
         with torch.no_grad():
             for k, v in sd_hf.items():
