@@ -35,8 +35,12 @@ import time
 
 import torch
 
-from train_gpt2 import (GPT, GPTConfig, UserError, OneLineParser, auto_device, mfu,
-                        peak_tflops, train_step)
+import math
+
+from torch.nn import functional as F
+
+from train_gpt2 import (GPT, CausalSelfAttention, GPTConfig, OneLineParser, UserError, mfu,
+                        flops_per_token, number, peak_tflops, pick_device, train_step)
 
 # -----------------------------------------------------------------------------
 # The rungs: each one turns on one more of the lecture's speed-ups
@@ -66,6 +70,20 @@ def not_applicable(rung, device_type):
     if rung == 7 and device_type != "cuda":
         return f"n/a on {device_type}"  # train_gpt2 fuses AdamW on CUDA only
     return None
+
+
+class ExplicitAttention(CausalSelfAttention):
+    """Rungs 1-4: the lecture's attention before flash attention, the (T, T) matrix spelled out."""
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
+        y = att @ v  # (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
 # -----------------------------------------------------------------------------
@@ -105,23 +123,28 @@ def free_memory(device):
 
 def run_rung(args, settings):
     """Build the model, warm up (compilation happens here), time args.steps optimizer steps.
-    Returns the model's config, the median seconds per step, peak GiB (CUDA) and the loss."""
+    Returns the model's training FLOPs per token, the median seconds per step, peak GiB
+    (CUDA) and the loss."""
     free_memory(args.device)
     torch.set_float32_matmul_precision("high" if settings["tf32"] else "highest")
     torch.manual_seed(args.seed)  # every rung: the same initial weights, the same tokens
     config = GPTConfig(vocab_size=settings["vocab_size"], n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd,
-                       flash_attention=settings["flash_attention"])
+                       n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config).to(args.device)
+    if not settings["flash_attention"]:
+        for block in model.transformer.h:
+            block.attn.__class__ = ExplicitAttention  # the same weights, the explicit forward
+    # configure_optimizers fuses AdamW for device_type "cuda": "cpu" asks for the plain loop
     optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4,
-                                           fused=settings["fused"])
+                                           device_type="cuda" if settings["fused"] else "cpu")
+    scaler = torch.amp.GradScaler(enabled=False)  # bf16 and fp32 need no loss scaling
     if settings["compile"]:
         model = torch.compile(model, dynamic=False)  # as train_gpt2.py compiles it
     loader = RandomLoader(args.micro_batch_size, args.sequence_length, args.seed)
     dtype = getattr(torch, settings["dtype"])
 
     def step():  # train_gpt2's optimizer step: forward, backward, clip, AdamW
-        loss, _ = train_step(model, optimizer, loader, args.grad_accum_steps, 6e-4, 1.0,
+        loss, _ = train_step(model, optimizer, scaler, loader, args.grad_accum_steps, 6e-4, 1.0,
                              args.device, dtype)
         loss = loss.item()  # waits for the loss ...
         sync(args.device)  # ... and for the optimizer's kernels queued after it
@@ -136,9 +159,10 @@ def run_rung(args, settings):
         times.append(time.perf_counter() - t0)
     seconds = sorted(times)[len(times) // 2]  # the median: robust to a busy neighbour
     memory = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+    flops = flops_per_token(model, args.sequence_length)
     del model, optimizer  # free weights, gradients and AdamW moments before the next rung
     free_memory(args.device)
-    return config, seconds, memory, loss
+    return flops, seconds, memory, loss
 
 
 def ladder(args):
@@ -157,7 +181,7 @@ def ladder(args):
         if rung == 3 and device_type != "cuda":
             row["note"] = f"{device_type} autocast"  # runs, but not on the lecture's tensor cores
         try:
-            config, seconds, memory, loss = run_rung(args, settings)
+            flops, seconds, memory, loss = run_rung(args, settings)
         except torch.cuda.OutOfMemoryError:  # e.g. fp32 with the (T, T) attention matrices
             row["note"] = "out of memory (try a smaller --micro_batch_size)"
             yield row
@@ -165,8 +189,9 @@ def ladder(args):
         first = first or seconds
         row.update(ms=1000 * seconds, tokens_per_sec=tokens / seconds, memory_gib=memory,
                    speedup=first / seconds, loss=loss)
-        if args.peak_tflops:
-            row["mfu"] = mfu(tokens / seconds, config, args.sequence_length, args.peak_tflops)
+        peak = args.peak_tflops or peak_tflops(args.device, getattr(torch, settings["dtype"]))
+        if peak:
+            row["mfu"] = mfu(tokens / seconds, flops, peak)
         yield row
 
 
@@ -217,42 +242,30 @@ def parse_args(argv=None):
     parser = OneLineParser(description="Time the lecture's speed ladder on random tokens.")
     parser.add_argument("--device", default="auto", help="cuda, mps or cpu (default: auto)")
     for name, (gpu, other, what) in DEFAULTS.items():
-        parser.add_argument(f"--{name}", type=int, help=f"{what} (default: {gpu} on CUDA, "
-                            f"{other} elsewhere)")
-    parser.add_argument("--grad_accum_steps", type=int, default=1,
+        low = 0 if name == "warmup_steps" else 1
+        parser.add_argument(f"--{name}", type=number(int, low), help=f"{what} (default: {gpu} on "
+                            f"CUDA, {other} elsewhere)")
+    parser.add_argument("--grad_accum_steps", type=number(int, 1), default=1,
                         help="micro-batches per optimizer step (default: 1, as the lecture)")
     parser.add_argument("--rungs", type=parse_rungs, default=list(RUNGS),
                         help="which rungs, e.g. 1,3,5 (default: all)")
-    parser.add_argument("--peak_tflops", type=float,
-                        help="accelerator peak for MFU (default: the GPU's in train_gpt2)")
-    parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--peak_tflops", type=number(float, 1e-9),
+                        help="accelerator peak TFLOPS for MFU (default: the GPU's, per dtype, "
+                             "from train_gpt2.PEAK_TFLOPS)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of rows (default: a table)")
+    parser.add_argument("--seed", type=number(int, 0), default=1337, help="(default: 1337)")
     args = parser.parse_args(argv)
 
-    args.device = auto_device() if args.device == "auto" else args.device
+    args.device = pick_device(args.device)
     cuda = args.device.startswith("cuda")
-    if args.device.split(":")[0] not in ("cuda", "mps", "cpu"):
-        raise UserError(f"--device must be cuda, mps or cpu, not {args.device}")
-    if cuda and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available")
-    if args.device == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: MPS is not available")
     for name, (gpu, other, _) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else other)
-    for name in ("micro_batch_size", "sequence_length", "grad_accum_steps", "n_layer", "n_head",
-                 "n_embd", "steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
-    if args.warmup_steps < 0:
-        raise UserError(f"--warmup_steps must be at least 0, not {args.warmup_steps}")
     if args.sequence_length > GPTConfig.block_size:
         raise UserError(f"--sequence_length {args.sequence_length} is longer than "
                         f"block_size {GPTConfig.block_size}")
     if args.n_embd % args.n_head != 0:
         raise UserError(f"--n_embd {args.n_embd} is not a multiple of --n_head {args.n_head}")
-    if args.peak_tflops is None and cuda:
-        args.peak_tflops = peak_tflops(torch.cuda.get_device_name(args.device))
     return args
 
 
@@ -263,7 +276,8 @@ def main(argv=None):
         if not args.json:
             cuda = args.device.startswith("cuda")
             name = torch.cuda.get_device_name(args.device) if cuda else args.device
-            peak = f"peak {args.peak_tflops:g} TFLOPS" if args.peak_tflops else "peak unknown"
+            peak = (f"peak {args.peak_tflops:g} TFLOPS" if args.peak_tflops else
+                    "peak per dtype from PEAK_TFLOPS" if cuda else "peak unknown")
             print(f"{name}, torch {torch.__version__}, {peak}; n_layer {args.n_layer}, "
                   f"n_head {args.n_head}, n_embd {args.n_embd}; B={args.micro_batch_size}, "
                   f"T={args.sequence_length}, {args.grad_accum_steps} micro-batch(es) per step; "

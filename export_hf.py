@@ -1,7 +1,7 @@
 """
 Export one of our checkpoints as a Hugging Face `transformers` GPT-2 folder.
 
-    python export_hf.py --checkpoint log/model_19072.pt --out gpt2-124M-fineweb-edu
+    python export_hf.py --checkpoint log/model_19073.pt --out gpt2-124M-fineweb-edu
 
     # then, anywhere transformers is installed:
     from transformers import GPT2LMHeadModel, AutoTokenizer
@@ -84,21 +84,27 @@ def write_tokenizer(out_dir, block_size):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Export a checkpoint as a transformers GPT-2 folder")
-    parser.add_argument("--checkpoint", required=True, help="e.g. log/model_19072.pt")
-    parser.add_argument("--out", required=True, help="folder to write (created if needed)")
+    parser = train_gpt2.OneLineParser(
+        description="Export one of our checkpoints as a transformers GPT-2 folder",
+        epilog="environment variables:\n  TIKTOKEN_CACHE_DIR   a folder holding tiktoken's GPT-2 "
+               "files, copied as the tokenizer", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="e.g. log/model_19073.pt (required)")
+    parser.add_argument("--out", required=True, help="folder to write, created if needed (required)")
     args = parser.parse_args(argv)
     try:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise UserError(f"--out {args.out} exists and is not a folder")
-        model = train_gpt2.model_from_checkpoint(args.checkpoint, "cpu")
+        model = train_gpt2.load_model(args.checkpoint)
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # the summary below says what was written
+        hf_model = to_hf(model)
+        try:
+            hf_model.save_pretrained(args.out)
+        except OSError as e:  # an unwritable folder, a full disk
+            raise UserError(f"cannot write {args.out}: {e.strerror or e}") from None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # the summary below says what was written
-    hf_model = to_hf(model)
-    hf_model.save_pretrained(args.out)
     # check what was written: transformers' own loader gives our logits on the real vocabulary
     reloaded = type(hf_model).from_pretrained(args.out).eval()
     idx = torch.arange(min(16, model.config.block_size)).view(1, -1) % hf_model.config.vocab_size

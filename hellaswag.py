@@ -20,7 +20,7 @@ acc_norm. With this method, on the 10,042 val examples (SPEC.md):
 (EleutherAI's harness scores differently and gets 28.92 / 31.14 and 40.04 / 50.89.)
 
     python hellaswag.py -m gpt2 -d cuda                            # OpenAI's weights
-    python hellaswag.py --checkpoint log/model_19072.pt -d cuda    # one of our checkpoints
+    python hellaswag.py --checkpoint log/model_19073.pt -d cuda    # one of our checkpoints
 
 The data is downloaded once to ./hellaswag next to this file (or $HELLASWAG_DIR).
 Importing this file is cheap: no tokenizer, no download, no transformers.
@@ -68,28 +68,28 @@ def download(split, data_dir=None):
         return path  # no network at all when the file is there
     import requests
     from tqdm import tqdm
+
+    from fineweb import write_atomic  # the project's one atomic write (fineweb imports nothing heavy)
     url = URL.format(split=split)
     try:
         resp = requests.get(url, stream=True, timeout=30)
         resp.raise_for_status()
-        os.makedirs(folder, exist_ok=True)
-        # write to a temporary name, then rename: an interrupted download leaves no
-        # truncated file that the next run would take for the real one
-        tmp = f"{path}.{os.getpid()}.tmp"
-        try:
-            total = int(resp.headers.get("content-length", 0)) or None
-            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
-                                            desc=os.path.basename(path)) as bar:
+        total = int(resp.headers.get("content-length", 0)) or None
+
+        def fetch(f):
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
                 for chunk in resp.iter_content(chunk_size=1 << 20):
                     bar.update(f.write(chunk))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        os.makedirs(folder, exist_ok=True)
+        # to a temporary name, then renamed: an interrupted download leaves no truncated
+        # file that the next run would take for the real one
+        write_atomic(path, fetch)
     except requests.RequestException as e:
         raise HellaSwagError(
             f"cannot download {url} ({type(e).__name__}); without network, put "
             f"hellaswag_{split}.jsonl in {folder} (or set HELLASWAG_DIR to its folder)") from None
+    except OSError as e:
+        raise HellaSwagError(f"cannot write {path}: {e.strerror or e}") from None
     return path
 
 
@@ -193,12 +193,18 @@ def _block_size(model):
     return None
 
 
-def predict(model, rendered, device, batch_size=16, seq_len=None, autocast_dtype=None):
+BATCH_SIZE = 16  # examples per forward pass: (64, 192) tokens for val
+
+
+def predict(model, rendered, device, batch_size=BATCH_SIZE, seq_len=None, autocast_dtype=None,
+            num_batches=None):
     """Yields (pred, pred_norm), each (n,), for each batch of n <= batch_size examples.
     Every forward pass has the same shape (4 * batch_size, seq_len), so a compiled model
-    compiles once: the last batch gets rows of zeros, which are dropped. Right padding
-    changes nothing for a causal model: no real token ever attends to a padded position."""
-    if not rendered:
+    compiles once: a partial batch is filled with rows of zeros, which are dropped. Right
+    padding changes nothing for a causal model: no real token attends to a padded position.
+    num_batches > the batches needed adds passes of padding only (yielding empty tensors), so
+    that every rank of a run makes the same number of passes."""
+    if not rendered and not num_batches:
         return
     seq_len = seq_len or pad_length(rendered)
     block_size = _block_size(model)
@@ -207,7 +213,9 @@ def predict(model, rendered, device, batch_size=16, seq_len=None, autocast_dtype
                              f"block_size is {block_size}")
     device = torch.device(device)
     use_autocast = autocast_dtype is not None and autocast_dtype != torch.float32
-    for start in range(0, len(rendered), batch_size):
+    if num_batches is None:
+        num_batches = -(-len(rendered) // batch_size)
+    for start in range(0, num_batches * batch_size, batch_size):
         chunk = rendered[start:start + batch_size]
         tokens = torch.zeros((4 * batch_size, seq_len), dtype=torch.long)
         mask = torch.zeros((4 * batch_size, seq_len), dtype=torch.long)
@@ -223,22 +231,27 @@ def predict(model, rendered, device, batch_size=16, seq_len=None, autocast_dtype
         yield pred[:len(chunk)].cpu(), pred_norm[:len(chunk)].cpu()
 
 
-def evaluate(model, rendered, device, batch_size=16, seq_len=None, autocast_dtype=None,
-             progress=False):
-    """Returns (num_correct, num_correct_norm, num_total) over the rendered examples,
-    a list of (tokens, mask, label) from render_example."""
+def evaluate(model, rendered, device, batch_size=BATCH_SIZE, seq_len=None, autocast_dtype=None,
+             progress=False, num_batches=None, should_stop=None):
+    """Returns (num_correct, num_correct_norm, num_total) over the rendered examples, a list
+    of (tokens, mask, label) from render_example. should_stop() is asked after every forward
+    pass; when it says yes, evaluate stops there and returns None (the training loop's
+    SIGTERM / Ctrl-C)."""
     from tqdm import tqdm
     labels = torch.tensor([label for _, _, label in rendered], dtype=torch.long)
     num_correct = num_correct_norm = num_total = 0
-    batches = predict(model, rendered, device, batch_size, seq_len, autocast_dtype)
-    with tqdm(total=len(rendered), desc="hellaswag", disable=not progress) as bar:
+    batches = predict(model, rendered, device, batch_size, seq_len, autocast_dtype, num_batches)
+    with tqdm(total=len(rendered), desc="hellaswag", unit="examples", disable=not progress,
+              leave=False) as bar:
         for pred, pred_norm in batches:
             y = labels[num_total:num_total + len(pred)]
             num_correct += (pred == y).sum().item()
             num_correct_norm += (pred_norm == y).sum().item()
             num_total += len(pred)
             bar.update(len(pred))
-            bar.set_postfix(acc_norm=f"{num_correct_norm / num_total:.4f}")
+            bar.set_postfix(acc_norm=f"{num_correct_norm / max(1, num_total):.4f}")
+            if should_stop is not None and should_stop():
+                return None
     return num_correct, num_correct_norm, num_total
 
 
@@ -246,26 +259,30 @@ def evaluate(model, rendered, device, batch_size=16, seq_len=None, autocast_dtyp
 # Standalone evaluation of GPT-2 or of one of our checkpoints
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="HellaSwag accuracy of GPT-2 or of a checkpoint")
-    parser.add_argument("-m", "--model_type", choices=MODEL_TYPES,
-                        help="OpenAI's weights, loaded into our GPT through Hugging Face")
-    parser.add_argument("--checkpoint", help="one of our checkpoints, e.g. log/model_19072.pt")
-    parser.add_argument("-d", "--device", default=None, help="default: cuda, else mps, else cpu")
-    parser.add_argument("--split", default="val", choices=SPLITS)
-    parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
-    parser.add_argument("--batch_size", type=int, default=16, help="examples per forward pass")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="autocast dtype (default float32, with TF32 matmuls on CUDA: the "
-                        "setting of the reference figures; training evaluates in bfloat16)")
-    args = parser.parse_args(argv)
     import train_gpt2  # the model, its checkpoint format and the tokenizer loader live there
+    parser = train_gpt2.OneLineParser(
+        description="HellaSwag accuracy of GPT-2 or of one of our checkpoints",
+        epilog="environment variables:\n  HELLASWAG_DIR        where hellaswag_{split}.jsonl is kept "
+               "(default: ./hellaswag next to this file)\n  TIKTOKEN_CACHE_DIR   a folder holding "
+               "tiktoken's GPT-2 files (offline machines)\n  HF_HOME              Hugging Face's cache, "
+               "for -m's weights", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-m", "--model_type", choices=MODEL_TYPES,
+                        help="OpenAI's weights, loaded into our GPT through Hugging Face (default: none)")
+    parser.add_argument("--checkpoint", help="one of our checkpoints, e.g. log/model_19073.pt (default: none)")
+    parser.add_argument("-d", "--device", default="auto", help="cuda, mps or cpu (default: auto, the first there is)")
+    parser.add_argument("--split", default="val", choices=SPLITS, help="(default: val)")
+    parser.add_argument("--limit", type=train_gpt2.number(int, 1), default=None,
+                        help="only the first N examples (default: all)")
+    parser.add_argument("--batch_size", type=train_gpt2.number(int, 1), default=BATCH_SIZE,
+                        help=f"examples per forward pass (default: {BATCH_SIZE})")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="autocast dtype (default: float32, with TF32 matmuls on CUDA: the "
+                        "setting of the reference figures; training evaluates in its own dtype)")
+    args = parser.parse_args(argv)
     try:
         if (args.model_type is None) == (args.checkpoint is None):
             raise HellaSwagError("give exactly one of -m/--model_type and --checkpoint")
-        if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
-            raise HellaSwagError("--limit and --batch_size must be positive")
-        device = args.device or train_gpt2.auto_device()
-        dtype = args.dtype
+        device = train_gpt2.pick_device(args.device)
         if device.startswith("cuda"):
             torch.set_float32_matmul_precision("high")  # TF32, as the reference evaluated
         # the data first: a missing or broken file fails before a big model is loaded
@@ -277,11 +294,11 @@ def main(argv=None):
         model = train_gpt2.load_model(args.checkpoint, args.model_type, device)
         name = args.model_type or args.checkpoint
         seq_len = pad_length(rendered)
-        print(f"{name}: {len(rendered)} {args.split} examples, device {device}, dtype {dtype}, "
+        print(f"{name}: {len(rendered)} {args.split} examples, device {device}, dtype {args.dtype}, "
               f"batch {args.batch_size} x 4 rows x {seq_len} tokens")
         num_correct, num_correct_norm, num_total = evaluate(
             model, rendered, device, batch_size=args.batch_size, seq_len=seq_len,
-            autocast_dtype=getattr(torch, dtype), progress=True)
+            autocast_dtype=getattr(torch, args.dtype), progress=True)
     except (HellaSwagError, train_gpt2.UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -4,7 +4,7 @@ Plot the losses and HellaSwag accuracy that train_gpt2.py writes to log/log.txt.
     python plot_log.py                                  # log/log.txt -> log/log.png
     python plot_log.py run_a/log.txt run_b/log.txt --out compare.png
 
-Left: train loss (raw, faint, and an exponential moving average) and val loss, with OpenAI's
+Left: train loss (raw, and an exponential moving average) and val loss, with OpenAI's
 GPT-2 124M val loss on the same FineWeb-Edu val shard as a line. Right: HellaSwag acc_norm with
 GPT-2 124M and GPT-3 124M as lines (SPEC.md, "Results to reproduce"). Several logs are drawn
 together, labelled by their folder names. It also prints min train loss, min val loss and max
@@ -27,7 +27,7 @@ class LogError(Exception):
 
 def parse_log(path):
     """{"train"|"val"|"hella": ([steps], [values])} from lines "{step} {kind} {value}".
-    The JSON header (the run's config) and anything else unparsable is skipped."""
+    Anything else (an older log's JSON header, a garbled line) is skipped."""
     if not os.path.isfile(path):
         raise LogError(f"log file {path} does not exist")
     with open(path) as f:
@@ -48,6 +48,14 @@ def parse_log(path):
     if not any(steps for steps, _ in data.values()):
         raise LogError(f"{path} has no data lines (expected lines like '0 train 10.98')")
     return data
+
+
+def auto_smoothing(num_steps):
+    """The EMA factor for a run of num_steps: a window of about 2% of the run, at most 100
+    steps (0.99, for the 19,073-step run), none for runs under 100 steps, whose curve a long
+    window would drag far above the real loss."""
+    window = min(100.0, num_steps / 50)
+    return 0.0 if window <= 2 else 1 - 1 / window
 
 
 def ema(values, beta):
@@ -90,9 +98,13 @@ def plot(runs, out, smooth):
         color = f"C{i}"
         steps, train = data["train"]
         if train:
-            ax1.plot(steps, train, color=color, alpha=0.2, linewidth=0.5)
-            smoothed = ema(train, smooth) if smooth > 0 else train
-            ax1.plot(steps, smoothed, color=color, label=f"{label} train loss")
+            beta = auto_smoothing(len(train)) if smooth is None else smooth
+            if beta > 0:  # the raw curve stays visible under the smoothed one
+                ax1.plot(steps, train, color=color, alpha=0.35, linewidth=0.8,
+                         label=f"{label} train loss (raw)")
+            smoothed = ema(train, beta) if beta > 0 else train
+            ax1.plot(steps, smoothed, color=color, label=f"{label} train loss" +
+                     (f" (EMA {beta:.3g})" if beta > 0 else ""))
             tops.append(1.25 * smoothed[-1])
         steps, val = data["val"]
         if val:
@@ -123,17 +135,27 @@ def plot(runs, out, smooth):
     plt.close(fig)
 
 
+def smoothing(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Plot train/val loss and HellaSwag from log.txt")
+    from train_gpt2 import OneLineParser  # here: importing this file imports no torch
+    parser = OneLineParser(description="Plot train/val loss and HellaSwag from log.txt")
     parser.add_argument("logs", nargs="*", default=["log/log.txt"], metavar="LOG",
                         help="log.txt files of train_gpt2.py (default: log/log.txt)")
     parser.add_argument("--out", help="PNG to write (default: next to the first log, .png)")
-    parser.add_argument("--smooth", type=float, default=0.99,
-                        help="EMA factor for the train loss, in [0, 1) (0: none; default 0.99)")
+    parser.add_argument("--smooth", type=smoothing, default=None,
+                        help="EMA factor for the train loss, in [0, 1), 0: none (default: auto, "
+                             "from the run's length: none under 100 steps, 0.99 for the full run)")
     args = parser.parse_args(argv)
     try:
-        if not 0 <= args.smooth < 1:
-            raise LogError(f"--smooth must be in [0, 1), got {args.smooth}")
         runs = list(zip(labels_for(args.logs), [parse_log(p) for p in args.logs]))
         out = args.out or os.path.splitext(args.logs[0])[0] + ".png"
         for label, data in runs:

@@ -1,23 +1,78 @@
 """
 Sample text from one of our checkpoints, or from OpenAI's GPT-2 through Hugging Face.
 
-    python sample.py --checkpoint log/model_19072.pt
+    python sample.py --checkpoint log/model_19073.pt
     python sample.py -m gpt2 --prompt "The meaning of life is" --max_new_tokens 64
-    python sample.py --checkpoint log/model_19072.pt --num_samples 1 --temperature 0.8
+    python sample.py --checkpoint log/model_19073.pt --num_samples 1 --temperature 0.8
 
 By default this is the training loop's sampling, number for number: 4 samples of the prompt
 "Hello, I'm a language model," (8 tokens) + 24 new tokens = 32 tokens, top-k 50, a generator
-on the device seeded 42 (42 + rank, rank 0), bf16 autocast on CUDA, through the same function,
-train_gpt2.generate. Only the KV cache is new (--no_kv_cache: off): it gives the same tokens in
-float32; under bf16 its different matmul shapes round differently, so a sample may diverge.
+on the device seeded 42 (the training loop's 42 + rank, rank 0), bf16 autocast on CUDA.
+What is new is a KV cache (--no_kv_cache: off): each new token runs through the model alone,
+attending to the keys and values cached for the tokens before it. In float32 it gives the
+training loop's tokens; under bf16 its other matmul shapes round differently, so a sample may
+diverge after a while.
 """
 import argparse
 import sys
 
 import torch
+from torch.nn import functional as F
 
 import train_gpt2
 from train_gpt2 import UserError
+
+
+# -----------------------------------------------------------------------------
+# The KV cache: the model's own modules, run one new token at a time
+
+def attend(attn, x, cache):
+    """train_gpt2.CausalSelfAttention.forward with a cache of the keys and values of the
+    tokens before x: x (B, T, C) are the new tokens; returns (B, T, C)."""
+    B, T, C = x.size()
+    q, k, v = attn.c_attn(x).split(attn.n_embd, dim=2)
+    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+    if "k" in cache:  # (B, nh, T_past + T, hs)
+        k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+    cache["k"], cache["v"] = k, v
+    # the prompt attends causally; a single new token may look at every position before it
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=k.size(2) == T)
+    return attn.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+def forward_cached(model, idx, caches):
+    """The logits (B, T, V) of the new tokens idx (B, T), which follow the cached ones."""
+    past = caches[0]["k"].size(2) if caches[0] else 0
+    pos = torch.arange(past, past + idx.size(1), device=idx.device)  # positions past the cache
+    x = model.transformer.wte(idx) + model.transformer.wpe(pos)
+    for block, cache in zip(model.transformer.h, caches):
+        x = x + attend(block.attn, block.ln_1(x), cache)
+        x = x + block.mlp(block.ln_2(x))
+    return model.lm_head(model.transformer.ln_f(x))
+
+
+@torch.no_grad()
+def generate(model, idx, max_length, top_k=50, temperature=1.0, generator=None,
+             use_kv_cache=True, dtype=torch.float32, vocab_limit=None):
+    """Extend idx (B, T0) to (B, max_length) tokens, as the training loop samples: softmax,
+    keep the top_k, sample. Without a cache every step reruns the whole sequence so far.
+    vocab_limit: sample only ids below it (the tokenizer's 50257, when the vocabulary is
+    padded to 50304: the padding ids have no text and would crash decode)."""
+    caches = [dict() for _ in model.transformer.h]
+    amp = dict(device_type=idx.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    while idx.size(1) < max_length:
+        with torch.autocast(**amp):
+            if use_kv_cache:  # the whole prompt first, then only the newest token
+                logits = forward_cached(model, idx if not caches[0] else idx[:, -1:], caches)
+            else:
+                logits, _ = model(idx)
+        logits = logits[:, -1, :vocab_limit]  # (B, V): the prediction for the next position
+        probs = F.softmax(logits.float() / temperature, dim=-1)
+        # top-k sampling (Hugging Face's default of 50): never pick a very unlikely token
+        topk_probs, topk_indices = torch.topk(probs, top_k, dim=-1)  # (B, top_k)
+        ix = torch.multinomial(topk_probs, 1, generator=generator)  # (B, 1)
+        idx = torch.cat([idx, torch.gather(topk_indices, -1, ix)], dim=1)
+    return idx
 
 
 def sample(model, enc, prompt, num_samples=4, max_new_tokens=24, top_k=50, temperature=1.0,
@@ -34,41 +89,46 @@ def sample(model, enc, prompt, num_samples=4, max_new_tokens=24, top_k=50, tempe
     vocab = min(model.config.vocab_size, enc.n_vocab)
     if not 1 <= top_k <= vocab:
         raise UserError(f"--top_k must be between 1 and {vocab}, got {top_k}")
-    if num_samples < 1 or max_new_tokens < 1 or not temperature > 0:
-        raise UserError("--num_samples, --max_new_tokens and --temperature must be positive")
     idx = torch.tensor(tokens, dtype=torch.long, device=device).repeat(num_samples, 1)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     # the trained run pads the vocabulary to 50304: the 47 extra ids have no text
-    return train_gpt2.generate(model, idx, total, top_k=top_k, temperature=temperature,
-                               generator=generator, use_kv_cache=use_kv_cache, dtype=dtype,
-                               vocab_limit=enc.n_vocab)
+    return generate(model, idx, total, top_k=top_k, temperature=temperature, generator=generator,
+                    use_kv_cache=use_kv_cache, dtype=dtype, vocab_limit=enc.n_vocab)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Sample from a checkpoint or from GPT-2")
-    parser.add_argument("--checkpoint", help="one of our checkpoints, e.g. log/model_19072.pt")
+    parser = train_gpt2.OneLineParser(
+        description="Sample from one of our checkpoints or from GPT-2",
+        epilog="environment variables:\n  TIKTOKEN_CACHE_DIR   a folder holding tiktoken's GPT-2 "
+               "files (offline machines)\n  HF_HOME              Hugging Face's cache, for -m's weights",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    number = train_gpt2.number
+    parser.add_argument("--checkpoint", help="one of our checkpoints, e.g. log/model_19073.pt (default: none)")
     parser.add_argument("-m", "--model_type", choices=list(train_gpt2.PRETRAINED),
-                        help="OpenAI's weights, loaded into our GPT through Hugging Face")
+                        help="OpenAI's weights, loaded into our GPT through Hugging Face (default: none)")
     parser.add_argument("--prompt", default="Hello, I'm a language model,",
-                        help="text to continue (empty: start from <|endoftext|>)")
-    parser.add_argument("--num_samples", type=int, default=4)
-    parser.add_argument("--max_new_tokens", type=int, default=24,
+                        help="text to continue; empty: start from <|endoftext|> (default: %(default)r)")
+    parser.add_argument("--num_samples", type=number(int, 1), default=4, help="(default: 4)")
+    parser.add_argument("--max_new_tokens", type=number(int, 1), default=24,
                         help="tokens to add; with the default prompt (8 tokens) 24 makes "
                              "training's 32 (default: 24)")
-    parser.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest (50)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=42, help="training uses 42 + rank (42)")
-    parser.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
+    parser.add_argument("--top_k", type=number(int, 1), default=50,
+                        help="sample among the k likeliest tokens (default: 50)")
+    parser.add_argument("--temperature", type=number(float, 1e-6), default=1.0,
+                        help="below 1: more likely tokens; above 1: more diverse (default: 1.0)")
+    parser.add_argument("--seed", type=number(int, 0), default=42,
+                        help="the training loop uses 42 + rank (default: 42)")
+    parser.add_argument("--device", default="auto", help="cuda, mps or cpu (default: auto, the first there is)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="autocast dtype; default bfloat16 on cuda (as training), else float32")
+                        help="autocast dtype (default: bfloat16 on cuda, as training, else float32)")
     parser.add_argument("--no_kv_cache", action="store_true",
-                        help="rerun the whole sequence for every token, as training does (slower)")
+                        help="rerun the whole sequence for every token, as training does (default: off)")
     args = parser.parse_args(argv)
     try:
         if (args.model_type is None) == (args.checkpoint is None):
             raise UserError("give exactly one of --checkpoint and -m/--model_type")
-        device = args.device or train_gpt2.auto_device()
+        device = train_gpt2.pick_device(args.device)
         dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         enc = train_gpt2.gpt2_tokenizer()  # before the model: a missing tokenizer fails fast
         model = train_gpt2.load_model(args.checkpoint, args.model_type, device)

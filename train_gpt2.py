@@ -1,16 +1,20 @@
 """
-Reproduce GPT-2 (124M) on 10B tokens of FineWeb-Edu, in one readable file.
+Reproduce GPT-2 (124M) on 10B tokens of FineWeb-Edu, in one file you can read beside the
+"Let's reproduce GPT-2 (124M)" lecture.
 
-This follows the "Let's reproduce GPT-2 (124M)" lecture: the model, the data loader,
-the learning-rate schedule, the distributed helpers, the config and the training loop,
-top to bottom. The defaults are the lecture's run, number for number (see SPEC.md).
+The file has two parts. The top part is the lecture's file, in its order and with its names:
+the model, the data loader, the learning-rate schedule, the distributed setup and the
+training loop. Where it differs from the lecture's code (a fix for a known defect, a command
+line instead of edited constants), a comment says why; README.md maps every difference.
+Below the banner "Beyond the lecture" lives what the lecture lacks: checkpoints and exact
+resume, signals, command-line checks, the MFU table, main().
 
     python fineweb.py                                           # tokenize the data (once)
     python train_gpt2.py                                        # one GPU (or MPS, or CPU)
     torchrun --standalone --nproc_per_node=8 train_gpt2.py      # one node, 8 GPUs
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --resume auto   # after a preemption
 
-A CPU smoke run on a tiny model (see README.md for the data step):
+A CPU smoke run on a tiny model (README.md has the data step):
 
     python train_gpt2.py --device cpu --n_layer 2 --n_head 2 --n_embd 64 \
         --micro_batch_size 4 --sequence_length 64 --total_batch_size 512 \
@@ -19,9 +23,6 @@ A CPU smoke run on a tiny model (see README.md for the data step):
 import argparse
 import dataclasses
 import gc
-import glob
-import inspect
-import itertools
 import json
 import math
 import os
@@ -30,76 +31,56 @@ import re
 import signal
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-import fineweb  # only for where it writes the shards (it imports nothing heavy)
+import fineweb  # where the shards are (LOCAL_DIR) and the atomic file write; imports nothing heavy
+import hellaswag  # the HellaSwag eval: its data, rendering and scoring (imports nothing heavy)
 
 
 class UserError(Exception):
-    """A mistake the user can fix: printed as one line, exit status 1, no traceback."""
+    """A mistake the user can fix: main() prints it as one line and exits with status 1."""
 
 
 # -----------------------------------------------------------------------------
 # The model: GPT-2, with the module names of Hugging Face's GPT2LMHeadModel
 
-@dataclass
-class GPTConfig:
-    block_size: int = 1024  # max sequence length, tokens (GPT-2's n_ctx)
-    vocab_size: int = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
-    n_layer: int = 12  # transformer blocks (GPT-2 124M)
-    n_head: int = 12  # attention heads per block
-    n_embd: int = 768  # embedding width C; head size = n_embd // n_head = 64
-    flash_attention: bool = True  # False: explicit masked softmax (the lecture's slow path)
-
-
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
-        # key, query, value projections for all heads, in one matmul
+        assert config.n_embd % config.n_head == 0
+        # key, query, value projections for all heads, but in a batch
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        # output projection back into the residual stream
+        # output projection
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.c_proj.RESIDUAL_PROJECTION = True  # scaled init, see GPT._init_weights
+        self.c_proj.NANOGPT_SCALE_INIT = 1
+        # regularization
         self.n_head = config.n_head
         self.n_embd = config.n_embd
-        self.flash_attention = config.flash_attention
 
-    def forward(self, x, kv_cache=None):
-        B, T, C = x.size()  # batch, time (sequence length), channels (n_embd)
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, nh, T, hs): every head attends independently
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        is_causal = True
-        if kv_cache is not None:  # generation (sample.py): reuse keys/values of earlier tokens
-            if "k" in kv_cache:
-                assert T == 1, "with a filled KV cache, feed one token at a time"
-                k = torch.cat([kv_cache["k"], k], dim=2)
-                v = torch.cat([kv_cache["v"], v], dim=2)
-                is_causal = False  # the one new query may look at every cached position
-            kv_cache["k"], kv_cache["v"] = k, v
-        if self.flash_attention:
-            # fused kernel (flash attention on GPU): the (T, T) matrix never reaches memory
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-        else:
-            # the same maths spelled out: (B, nh, T, hs) x (B, nh, hs, Tk) -> (B, nh, T, Tk)
-            Tk = k.size(2)
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
-            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-            y = att @ v  # (B, nh, T, Tk) x (B, nh, Tk, hs) -> (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
-        return self.c_proj(y)
+    def forward(self, x):
+        B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
+        # calculate query, key, values for all heads in batch and move head forward to be the batch dim
+        # nh is "number of heads", hs is "head size", and C (number of channels) = nh * hs
+        # e.g. in GPT-2 (124M), n_head=12, hs=64, so nh*hs=C=768 channels in the Transformer
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        q, k, v = qkv.split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        # flash attention: the (T, T) attention matrix is never written to memory
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        # output projection
+        y = self.c_proj(y)
+        return y
 
 
 class MLP(nn.Module):
@@ -109,14 +90,16 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.c_proj.RESIDUAL_PROJECTION = True
+        self.c_proj.NANOGPT_SCALE_INIT = 1
 
     def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        x = self.c_fc(x)  # (B, T, 4C)
+        x = self.gelu(x)
+        x = self.c_proj(x)  # (B, T, C)
+        return x
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: the residual stream x only ever gets added to."""
 
     def __init__(self, config):
         super().__init__()
@@ -125,23 +108,33 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)  # tokens communicate
+    def forward(self, x):
+        # pre-LayerNorm: the residual stream x is only ever added to
+        x = x + self.attn(self.ln_1(x))  # tokens communicate
         x = x + self.mlp(self.ln_2(x))  # each token thinks on its own
         return x
 
 
-# Hugging Face stores these four weights as Conv1D, i.e. (in, out): transpose them.
-HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# ... and may keep the causal mask as buffers, which are not weights (we use is_causal).
-HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
-# The four released GPT-2 sizes (all: vocab 50257, block_size 1024).
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length
+    vocab_size: int = 50257  # number of tokens: 50,000 BPE merges + 256 bytes tokens + 1 <|endoftext|> token
+    n_layer: int = 12  # number of layers
+    n_head: int = 12  # number of heads
+    n_embd: int = 768  # embedding dimension
+
+
+# The four GPT-2 sizes OpenAI released (all: vocab_size 50257, block_size 1024).
 PRETRAINED = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M params
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M params
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M params
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M params
 }
+# Hugging Face stores these four weights as Conv1D, (in, out): we transpose them, both ways.
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# ... and may keep the causal mask among its tensors: buffers, not weights (we use is_causal)
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 
 class GPT(nn.Module):
@@ -149,27 +142,30 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        # Creation order matters: every constructor draws from the RNG, so with
-        # torch.manual_seed(1337) this order gives the lecture's initial weights.
+
+        # creation order matters: each constructor draws from the RNG, so with
+        # torch.manual_seed(1337) this order gives the lecture's initial weights
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings (V, C)
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings (block_size, C)
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd),  # final LayerNorm (GPT-2 added it)
+            ln_f=nn.LayerNorm(config.n_embd),  # a final LayerNorm, which GPT-2 added
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying (as in GPT-2 and "Attention is all you need"): one (V, C) matrix
-        # embeds tokens and scores them; it saves 38M parameters
+
+        # weight sharing scheme: one (V, C) matrix embeds the tokens and scores them (GPT-2,
+        # "Attention is all you need"); it saves 38M parameters
         self.transformer.wte.weight = self.lm_head.weight
-        # apply() visits modules in order, so the tied matrix ends with lm_head's draw
+
+        # init params (apply visits modules in order, so the tied matrix keeps lm_head's draw)
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
-            std = 0.02  # GPT-2's init, about 1/sqrt(768)
-            if getattr(module, "RESIDUAL_PROJECTION", False):
-                # each block adds twice to the residual stream: scale by 1/sqrt(2 * n_layer)
-                # so its variance does not grow with depth (GPT-2 paper, section 2.3)
+            std = 0.02  # GPT-2's init; Xavier's 1/sqrt(n_embd) would be 0.036 at 768, 0.025 at 1600
+            if hasattr(module, "NANOGPT_SCALE_INIT"):
+                # every block adds to the residual stream twice (attention, MLP): scaling these
+                # two projections by 1/sqrt(2 * n_layer) keeps its variance from growing with depth
                 std *= (2 * self.config.n_layer) ** -0.5
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -177,430 +173,639 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, kv_cache=None):
-        # idx: (B, T) token ids; targets: (B, T) next-token ids, or None
+    def forward(self, idx, targets=None):
+        # idx is of shape (B, T)
         B, T = idx.size()
-        past = kv_cache[0]["k"].size(2) if kv_cache and "k" in kv_cache[0] else 0
-        assert past + T <= self.config.block_size, (
-            f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache[i] if kv_cache is not None else None)
+        assert T <= self.config.block_size, f"Cannot forward sequence of length {T}, block size is only {self.config.block_size}"
+        # forward the token and position embeddings
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # shape (T)
+        pos_emb = self.transformer.wpe(pos)  # position embeddings of shape (T, n_embd)
+        tok_emb = self.transformer.wte(idx)  # token embeddings of shape (B, T, n_embd)
+        x = tok_emb + pos_emb
+        # forward the blocks of the transformer
+        for block in self.transformer.h:
+            x = block(x)
+        # forward the final layernorm and the classifier
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
-        if targets is not None:  # mean cross-entropy over all B*T positions
+        if targets is not None:  # the mean cross-entropy over all B*T positions
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
     @classmethod
     def from_pretrained(cls, model_type):
-        """OpenAI's weights through Hugging Face: 'gpt2' ... 'gpt2-xl', or a local folder
-        written by transformers' save_pretrained."""
-        from transformers import GPT2LMHeadModel  # imported here: only this path needs it
-        hf_model = GPT2LMHeadModel.from_pretrained(model_type)
-        c = hf_model.config
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
-                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+        """Loads pretrained GPT-2 model weights from huggingface: one of PRETRAINED's names,
+        or (beyond the lecture) a local folder written by transformers' save_pretrained."""
+        from transformers import GPT2LMHeadModel  # here: only this method needs transformers
+        model_hf = GPT2LMHeadModel.from_pretrained(model_type)
+        c = model_hf.config
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                           n_head=c.n_head, n_embd=c.n_embd)
         if model_type in PRETRAINED:
-            assert dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd) == PRETRAINED[model_type]
+            assert PRETRAINED[model_type] == dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
         model = GPT(config)
         sd = model.state_dict()
-        sd_hf = {k: v for k, v in hf_model.state_dict().items() if not k.endswith(HF_BUFFERS)}
-        assert set(sd_hf) == set(sd), f"key mismatch: {sorted(set(sd_hf) ^ set(sd))}"
+        # copy while ensuring all of the parameters are aligned and match in names and shapes
+        sd_hf = {k: v for k, v in model_hf.state_dict().items() if not k.endswith(HF_BUFFERS)}
+        assert set(sd_hf) == set(sd), f"mismatched keys: {sorted(set(sd_hf) ^ set(sd))}"
         with torch.no_grad():
             for k, v in sd_hf.items():
                 if k.endswith(HF_TRANSPOSED):
-                    v = v.t()
+                    v = v.t()  # the openai checkpoints use a "Conv1D" module; we use a vanilla Linear
                 assert v.shape == sd[k].shape, f"{k}: {tuple(v.shape)} vs {tuple(sd[k].shape)}"
                 sd[k].copy_(v)
         return model
 
-    def configure_optimizers(self, weight_decay, learning_rate, fused=None):
-        """AdamW as GPT-3: betas (0.9, 0.95), eps 1e-8, decay on every matrix (matmul
-        weights and embeddings) and none on biases and LayerNorm parameters."""
-        params = [p for p in self.parameters() if p.requires_grad]  # the tied matrix once
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        if fused is None:  # one kernel for the whole update instead of a loop over tensors
-            fused = params[0].device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
-
-
-def num_parameters(config):
-    """Parameter count from the shapes (the tied wte/lm_head matrix counted once)."""
-    C, L = config.n_embd, config.n_layer
-    per_block = 12 * C * C + 13 * C  # c_attn 3C^2+3C, c_proj C^2+C, c_fc 4C^2+4C, c_proj 4C^2+C, 2 LNs
-    return config.vocab_size * C + config.block_size * C + L * per_block + 2 * C
-
-
-def flops_per_token(config, T):
-    """Training FLOPs per token: 6N for the matmuls with the weights (forward 2N, backward 4N)
-    plus attention's 12 * n_layer * n_head * head_size * T (PaLM paper, appendix B)."""
-    return 6 * num_parameters(config) + 12 * config.n_layer * config.n_embd * T
-
-
-def mfu(tokens_per_sec, config, T, peak_tflops):
-    """Model FLOPs utilization, a fraction: the FLOPs the model needs / what the chip peaks at."""
-    return tokens_per_sec * flops_per_token(config, T) / (peak_tflops * 1e12)
+    def configure_optimizers(self, weight_decay, learning_rate, device_type):
+        # start with all of the candidate parameters (the tied matrix once) that require grad
+        param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
+        # create optim groups. Any parameters that is 2D will be weight decayed, otherwise no.
+        # i.e. all weight tensors in matmuls + embeddings decay, all biases and layernorms don't.
+        decay_params = [p for n, p in param_dict.items() if p.dim() >= 2]
+        nodecay_params = [p for n, p in param_dict.items() if p.dim() < 2]
+        optim_groups = [
+            {"params": decay_params, "weight_decay": weight_decay},
+            {"params": nodecay_params, "weight_decay": 0.0},
+        ]
+        # fused AdamW: one kernel for the whole update instead of a loop over tensors (CUDA)
+        use_fused = device_type == "cuda"
+        # betas and eps from GPT-3 (appendix B); the lecture printed the groups here, the
+        # training loop prints them (no global master_process read inside a method)
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                 fused=use_fused)
 
 
 # -----------------------------------------------------------------------------
-# Data: token shards written by fineweb.py, read a batch at a time
+# The data loader: token shards written by fineweb.py, a (B, T) batch at a time
 
-def load_shard(path):
-    """Memory-map one shard: only the tokens of each batch are ever read from disk."""
+def load_tokens(filename):
+    """One shard as a read-only memory map of uint16 token ids, (N,). The lecture turned each
+    shard into an int64 tensor (800 MB per rank per 100M-token shard, SPEC defect 4); a
+    memory map reads only the B*T+1 tokens of each batch from disk."""
     try:
-        tokens = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable .npy shard ({e})") from None
-    if tokens.ndim != 1 or tokens.dtype != np.uint16:
-        raise UserError(f"{path} is not a 1-D uint16 token shard "
-                        f"(got {tokens.dtype}, shape {tokens.shape}): rewrite it with fineweb.py")
-    return tokens
+        npt = np.load(filename, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:  # also a file of pickled Python objects: never unpickled
+        raise UserError(f"{filename} is not a token shard of fineweb.py ({type(e).__name__})") from None
+    if npt.ndim != 1 or npt.dtype != np.uint16:
+        raise UserError(f"{filename} is not a 1-D uint16 token shard (it holds {npt.dtype}, shape "
+                        f"{npt.shape}): write it with fineweb.py")
+    return npt
 
 
 class DataLoaderLite:
-    """Contiguous (B, T) batches from the shards of one split, in order.
-
-    One process reads the stream of micro-batches the lecture's loader reads: offsets
-    0, B*T, 2*B*T, ... into a shard, to the next shard (wrapping around) when the next read
-    of B*T+1 tokens would pass its end. With N processes, rank r takes micro-batches r,
-    r+N, r+2N, ... of that same stream, so N ranks together see exactly the tokens that
-    one process with N times the gradient accumulation sees, and cross to the next shard
-    together (the reference let ranks > 0 leave each shard early and drop batches).
-    shuffle=True visits the shards, and the batches within a shard, in a fresh random
-    order each epoch (seeded, the same on every rank); the default is the reference's order.
-    """
+    """(B, T) batches from one split's shards. One process reads the lecture's stream: offsets
+    0, B*T, 2*B*T, ... into a shard, then the next shard (wrapping around after the last).
+    Two differences from the lecture's loader:
+    - With N processes, rank r takes micro-batches r, r+N, r+2N, ... of that stream: N ranks
+      see exactly the tokens of one process with N times the accumulation; none drops a batch
+      or runs ahead at a shard's end (SPEC defect 10), though in the step that crosses it some
+      ranks may read the old shard while others read the new one.
+    - shuffle=True visits the shards, and the batches in each, in a fresh seeded order every
+      epoch, the same on every rank (defect 9); by default it reads in order.
+    Its position (epoch, current_shard, current_position) is the same on every rank, whatever
+    N is, so a run can resume on another number of GPUs."""
 
     def __init__(self, B, T, process_rank, num_processes, split, data_root=fineweb.LOCAL_DIR,
                  shuffle=False, seed=0):
         self.B, self.T = B, T
-        self.process_rank, self.num_processes = process_rank, num_processes
+        self.process_rank = process_rank
+        self.num_processes = num_processes
         self.shuffle, self.seed = shuffle, seed
+        assert split in {"train", "val"}
+
+        # get the shard filenames (listed, not globbed: a folder name may hold "[" or "*")
         if not os.path.isdir(data_root):
             raise UserError(f"data folder {data_root} does not exist: run `python fineweb.py` first")
-        paths = sorted(glob.glob(os.path.join(data_root, f"*{split}*.npy")))
-        if not paths:
-            raise UserError(f"no {split} shards (*{split}*.npy) in {data_root}: "
-                            "run `python fineweb.py` first")
-        self.paths = paths
-        self.shards = [load_shard(p) for p in paths]
-        # batch k of a shard starts at k*B*T and needs B*T+1 tokens (targets are shifted by one)
-        self.batches_per_shard = [max(0, (len(s) - 1) // (B * T)) for s in self.shards]
+        shards = sorted(s for s in os.listdir(data_root) if split in s and s.endswith(".npy"))
+        self.shards = [os.path.join(data_root, s) for s in shards]
+        if not shards:
+            hint = ("the corpus filled only the val shard: rerun fineweb.py with a smaller "
+                    "--shard_size" if split == "train" and any("val" in s for s in os.listdir(data_root))
+                    else "run `python fineweb.py` first")
+            raise UserError(f"no {split} shards in {data_root}: {hint}")
+        self.tokens = [load_tokens(s) for s in self.shards]  # memory maps: all stay open, cheaply
+        # batch k of a shard reads tokens [k*B*T, (k+1)*B*T + 1): the targets are shifted by one
+        self.batches_per_shard = [max(0, (len(t) - 1) // (B * T)) for t in self.tokens]
         if sum(self.batches_per_shard) == 0:
-            raise UserError(f"the {split} shards in {data_root} hold fewer than "
-                            f"B*T+1 = {B * T + 1} tokens each: use smaller batches or more data")
+            raise UserError(f"the {split} shards in {data_root} hold fewer than B*T+1 = "
+                            f"{B * T + 1} tokens each: use a smaller --micro_batch_size or "
+                            "--sequence_length, or more data")
         self.reset()
 
     def reset(self):
         self.set_state(dict(epoch=0, shard=0, batch=0))
 
-    # the position in the stream, the same on every rank: (epoch, shard, batch in shard)
     def state_dict(self):
-        return dict(epoch=self.epoch, shard=self.shard, batch=self.batch)
+        """The stream position, the same on every rank, in plain ints (for the checkpoint)."""
+        return dict(epoch=self.epoch, shard=self.current_shard,
+                    batch=self.current_position // (self.B * self.T))
 
     def set_state(self, state):
-        self.epoch, self.shard, self.batch = state["epoch"], state["shard"], state["batch"]
-        self._plan_epoch()
-        self._skip_used_up()  # e.g. shard 0 too small for one batch
+        if not (0 <= state["shard"] < len(self.shards) and state["batch"] >= 0):
+            raise UserError(f"the saved loader position (shard {state['shard']}) is past the "
+                            f"{len(self.shards)} shards in {os.path.dirname(self.shards[0])}: "
+                            "resume on the data the run was trained on")
+        self.epoch, self.current_shard = state["epoch"], state["shard"]
+        self.current_position = state["batch"] * self.B * self.T  # tokens into the shard's stream
+        self._plan()
+        self._skip_used_up()  # e.g. a shard too small for one batch
 
-    def _plan_epoch(self):
-        n = len(self.shards)
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            self.shard_order = rng.permutation(n).tolist()
-        else:
-            self.shard_order = list(range(n))
-        self._plan_shard()
-
-    def _plan_shard(self):
-        shard_index = self.shard_order[self.shard]
-        nb = self.batches_per_shard[shard_index]
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.epoch, shard_index])
-            self.batch_order = rng.permutation(nb).tolist()
-        else:
-            self.batch_order = range(nb)
-
-    def _advance(self):
-        """Move the stream on by one micro-batch."""
-        self.batch += 1
-        self._skip_used_up()
+    def _plan(self):
+        """This epoch's order of the shards and the current shard's order of its batches: as
+        they lie, or (shuffle) seeded permutations."""
+        def order(n, *key):
+            rng = np.random.default_rng([self.seed, self.epoch, *key])
+            return rng.permutation(n).tolist() if self.shuffle else range(n)
+        self.shard_order = order(len(self.shards))
+        shard = self.shard_order[self.current_shard]
+        self.batch_order = order(self.batches_per_shard[shard], shard)
 
     def _skip_used_up(self):
-        """Go to the next shard (wrapping around) while this one has no batch left."""
-        while self.batch >= len(self.batch_order):
-            self.batch = 0
-            self.shard += 1
-            if self.shard == len(self.shards):
-                self.shard, self.epoch = 0, self.epoch + 1
-                self._plan_epoch()
-            else:
-                self._plan_shard()
+        """Go to the next shard (wrapping around: a new epoch) while this one has no batch left."""
+        while self.current_position // (self.B * self.T) >= len(self.batch_order):
+            self.current_shard, self.current_position = self.current_shard + 1, 0
+            if self.current_shard == len(self.shards):
+                self.current_shard, self.epoch = 0, self.epoch + 1
+            self._plan()
 
     def next_batch(self):
-        """This rank's next (x, y) pair, each (B, T) int64; y is x shifted left by one."""
+        """This rank's next (x, y), each (B, T) int64: the inputs and the targets, shifted by one."""
         B, T = self.B, self.T
-        for r in range(self.num_processes):
-            if r == self.process_rank:
-                shard = self.shards[self.shard_order[self.shard]]
-                start = self.batch_order[self.batch] * B * T
-                buf = torch.from_numpy(shard[start:start + B * T + 1].astype(np.int64))
-            self._advance()
-        x = buf[:-1].view(B, T)  # inputs
-        y = buf[1:].view(B, T)  # targets
+        for rank in range(self.num_processes):  # the stream's next N micro-batches: ours is one
+            if rank == self.process_rank:
+                tokens = self.tokens[self.shard_order[self.current_shard]]
+                start = self.batch_order[self.current_position // (B * T)] * B * T
+                buf = torch.from_numpy(tokens[start:start + B * T + 1].astype(np.int64))
+            self.current_position += B * T
+            self._skip_used_up()
+        x = (buf[:-1]).view(B, T)  # inputs
+        y = (buf[1:]).view(B, T)  # targets
         return x, y
 
 
 # -----------------------------------------------------------------------------
-# Learning-rate schedule: linear warmup, then cosine decay to 10% (GPT-3 paper, B.1)
+# HellaSwag: the lecture's get_most_likely_row(tokens, mask, logits) is hellaswag.score(),
+# batched in fixed shapes, so that a compiled model evaluates too (defect 1)
 
-def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
-    if step < warmup_steps:  # 1) linear warmup, never exactly 0
-        return max_lr * (step + 1) / warmup_steps
-    if step > max_steps:  # 3) past the end: the minimum
+# -----------------------------------------------------------------------------
+# The learning rate: linear warmup, then cosine decay to 10% of the maximum (GPT-3, B.1)
+
+def get_lr(it, max_lr, min_lr, warmup_steps, max_steps):
+    # 1) linear warmup for warmup_steps steps (step 0 already gets a small, non-zero rate)
+    if it < warmup_steps:
+        return max_lr * (it + 1) / warmup_steps
+    # 2) if it > max_steps, return min learning rate
+    if it > max_steps:
         return min_lr
-    # 2) in between, cosine from max_lr down to min_lr
-    decay_ratio = (step - warmup_steps) / (max_steps - warmup_steps)
+    # 3) in between, use cosine decay down to min learning rate
+    decay_ratio = (it - warmup_steps) / (max_steps - warmup_steps)
     assert 0 <= decay_ratio <= 1
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff starts at 1 and goes to 0
     return min_lr + coeff * (max_lr - min_lr)
 
 
 # -----------------------------------------------------------------------------
-# Distributed helpers: torchrun's environment decides; one process needs no torchrun
+# The configuration: the lecture's constants, as command-line flags (README: "Flags")
+
+def flag(default, help, low=None, choices=None):
+    """A TrainConfig field with its --help text and the values it may take (at least `low`,
+    or one of `choices`), which parse_args checks before anything starts."""
+    return field(default=default, metadata=dict(help=help, low=low, choices=choices))
+
 
 @dataclass
-class Dist:
-    rank: int = 0  # global rank (torchrun's RANK)
-    local_rank: int = 0  # rank on this node (LOCAL_RANK): picks the GPU
-    world_size: int = 1  # processes in all (WORLD_SIZE)
-    device: str = "cpu"
-
-    @property
-    def ddp(self):
-        return self.world_size > 1 or dist.is_initialized()
-
-    @property
-    def master_process(self):
-        return self.rank == 0  # only rank 0 prints, logs and writes files
-
-    @property
-    def device_type(self):
-        return self.device.split(":")[0]  # "cuda", "mps" or "cpu"
-
-
-def auto_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def setup_distributed(device="auto"):
-    """Start the process group when launched by torchrun: NCCL on GPUs, gloo on CPU."""
-    device = auto_device() if device == "auto" else device
-    if "RANK" not in os.environ:
-        return Dist(device=device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    elif device == "cpu":
-        backend = "gloo"
-    else:
-        raise UserError(f"multi-process runs need --device cuda or cpu, not {device}")
-    dist.init_process_group(backend=backend)
-    return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
-
-
-def all_reduce_sum(tensor, d):
-    """Sum over ranks, in place (SUM exists on every backend; gloo has no AVG)."""
-    if d.ddp:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def cleanup_distributed(d):
-    if d.ddp and dist.is_initialized():
-        # DDP sits in a reference cycle: free it now, while the process group is alive (left
-        # to the interpreter's exit, gloo sometimes aborts with "terminate called ...")
-        gc.collect()
-        dist.destroy_process_group()
+class TrainConfig:
+    # files
+    data_root: str = flag(fineweb.LOCAL_DIR, "token shards written by fineweb.py")
+    log_dir: str = flag("log", "log.txt, config.json and the checkpoints model_{step:05d}.pt")
+    # the model: GPT-2 124M, its vocabulary padded 50257 -> 50304 = 393 * 128 (faster kernels)
+    n_layer: int = flag(12, "transformer blocks", low=1)
+    n_head: int = flag(12, "attention heads per block", low=1)
+    n_embd: int = flag(768, "channels C of the residual stream", low=1)
+    block_size: int = flag(1024, "longest context, tokens (GPT-2's n_ctx)", low=1)
+    vocab_size: int = flag(50304, "vocabulary; the ids past GPT-2's 50257 are never seen", low=1)
+    # the batch: 2**19 tokens per optimizer step, GPT-3 small's 0.5M (GPT-3 paper, table 2.1)
+    micro_batch_size: int = flag(64, "B: sequences per forward/backward on each process", low=1)
+    sequence_length: int = flag(1024, "T: tokens per sequence", low=1)
+    total_batch_size: int = flag(524288, "tokens per optimizer step, all processes together", low=1)
+    # the optimizer and its schedule (GPT-3 paper, appendix B)
+    max_steps: int = flag(19073, "optimizer steps: 10e9 tokens / 2**19 = one epoch of the 10B sample", low=1)
+    warmup_steps: int = flag(715, "linear warmup steps: GPT-3's 375M tokens / 2**19", low=0)
+    max_lr: float = flag(6e-4, "peak learning rate (GPT-3 small)", low=0)
+    min_lr: float = flag(6e-5, "learning rate at the end of the cosine: 10% of max_lr", low=0)
+    weight_decay: float = flag(0.1, "AdamW weight decay of matmul weights and embeddings", low=0)
+    grad_clip: float = flag(1.0, "largest global gradient norm (0: no clipping)", low=0)
+    shuffle: bool = flag(False, "shuffle shards and batches every epoch (the lecture reads in order)")
+    # evaluation, sampling, checkpoints
+    eval_interval: int = flag(250, "steps between evaluations (val, HellaSwag, samples), and at the last step", low=1)
+    val_steps: int = flag(20, "val micro-batches per evaluation, all processes together", low=1)
+    hellaswag: bool = flag(True, "HellaSwag accuracy (acc_norm) at every evaluation")
+    hellaswag_limit: int = flag(0, "only the first N HellaSwag examples (0: all 10,042)", low=0)
+    sample: bool = flag(True, "print 4 samples per process at every evaluation but step 0's")
+    checkpoint_interval: int = flag(5000, "steps between checkpoints; one more before and one after the last step", low=1)
+    keep_checkpoints: int = flag(0, "keep only the newest N checkpoints (0: keep all)", low=0)
+    resume: str = flag("", "auto: the newest checkpoint in log_dir; or a checkpoint's path (empty: start fresh)")
+    overwrite: bool = flag(False, "start fresh in a log_dir that holds checkpoints, deleting them")
+    # the machine
+    device: str = flag("auto", "cuda, mps or cpu (auto: the first there is)")
+    dtype: str = flag("auto", "autocast dtype: auto (bfloat16 on CUDA, float16 with a gradient scaler "
+                      "where CUDA lacks bfloat16, else float32), float32, bfloat16 or float16",
+                      choices=("auto", "float32", "bfloat16", "float16"))
+    compile: str = flag("auto", "torch.compile the model: 1, 0 or auto (on CUDA, when Triton is there)",
+                        choices=("auto", "1", "0"))
+    seed: int = flag(1337, "random seed (the lecture's)", low=0)
+    peak_tflops: float = flag(0.0, "accelerator peak TFLOPS for MFU (0: look the GPU up)", low=0)
 
 
 # -----------------------------------------------------------------------------
-# One optimizer step, evaluation and sampling (bench.py and sample.py import these)
+# One optimizer step (bench.py times this very function)
 
-def to_device(t, device):
-    if device.startswith("cuda"):  # pinned memory: the copy overlaps with GPU work
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def autocast_context(device_type, dtype):
-    """bf16 autocast (matmuls in bfloat16, reductions in float32); no scaler needed."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device_type, dtype=dtype)
-
-
-def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, device, dtype):
-    """Accumulate the gradient of one total batch, clip it, take one AdamW step.
-    Returns this rank's mean loss and the gradient norm before clipping, as tensors
-    (no .item(): the caller decides when to wait for the GPU)."""
+def train_step(model, optimizer, scaler, train_loader, grad_accum_steps, lr, grad_clip, device, dtype):
+    """Accumulates the gradient of one total batch, clips it, takes one AdamW step. Returns
+    this rank's loss and the norm before clipping, as tensors: the caller decides when to
+    wait for the GPU (the lecture's loop body, as a function so that bench.py can time it)."""
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
-        x, y = loader.next_batch()
-        x, y = to_device(x, device), to_device(y, device)
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            # all-reduce the gradients only once, on the last micro-step
+        x, y = train_loader.next_batch()
+        if device.startswith("cuda"):  # pinned memory: the copy overlaps with GPU work
+            x, y = x.pin_memory(), y.pin_memory()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if isinstance(model, DDP):
+            # all-reduce the gradients only on the last micro-step (set before its forward)
             model.require_backward_grad_sync = (micro_step == grad_accum_steps - 1)
-        with autocast_context(device.split(":")[0], dtype):
+        with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
             logits, loss = model(x, y)
-        # the loss is a mean over B*T tokens; dividing by the number of micro-steps makes
-        # the summed gradient the gradient of the mean over the whole total batch
+        # the loss is a mean over B*T tokens; dividing by the number of micro-steps makes the
+        # summed gradient the gradient of the mean over the whole total batch
         loss = loss / grad_accum_steps
         loss_accum += loss.detach()
-        loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        # float16 only: scale the loss up so that small gradients do not round to 0
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # float16 only: clip the true gradients, not the scaled ones
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    # determine and set the learning rate for this iteration
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
-    optimizer.step()
+    scaler.step(optimizer)  # = optimizer.step(), unless float16 gradients overflowed: then skipped
+    scaler.update()
     return loss_accum, norm
 
 
-@torch.no_grad()
-def evaluate_loss(model, loader, val_steps, d, dtype):
-    """Mean loss over the first val_steps micro-batches of the split, whatever the number
-    of ranks: rank r takes micro-batches r, r+N, ... (the reference took val_steps per rank)."""
-    loader.reset()
-    loss_accum = torch.zeros((), device=d.device)
-    for i in range(math.ceil(val_steps / d.world_size)):
-        x, y = loader.next_batch()
-        if i * d.world_size + d.rank >= val_steps:
-            break  # the last round has fewer micro-batches than ranks
-        with autocast_context(d.device_type, dtype):
-            logits, loss = model(to_device(x, d.device), to_device(y, d.device))
-        loss_accum += loss.detach() / val_steps
-    return all_reduce_sum(loss_accum, d).item()
+# -----------------------------------------------------------------------------
+# The training loop (the lecture runs it at module level; here main() calls it)
+
+def train(cfg, stop):
+    # set up DDP (distributed data parallel).
+    # torchrun command sets the env variables RANK, LOCAL_RANK, and WORLD_SIZE
+    ddp = int(os.environ.get("RANK", -1)) != -1  # is this a ddp run?
+    device = pick_device(cfg.device)  # the flag's, checked, or cuda > mps > cpu
+    if ddp:
+        ddp_rank = int(os.environ["RANK"])
+        ddp_local_rank = int(os.environ["LOCAL_RANK"])
+        ddp_world_size = int(os.environ["WORLD_SIZE"])
+        if device == "cuda":
+            device = f"cuda:{ddp_local_rank}"
+            torch.cuda.set_device(device)
+        # the lecture's DDP needed CUDA (NCCL); gloo runs it on CPUs too (SPEC defect 5)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    else:
+        ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
+    master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
+    device_type = "cuda" if device.startswith("cuda") else device
+    log = print if master_process else (lambda *args, **kwargs: None)
+
+    torch.manual_seed(cfg.seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(cfg.seed)
+
+    enc = gpt2_tokenizer() if (cfg.sample or cfg.hellaswag) else None
+
+    total_batch_size = cfg.total_batch_size  # 2**19, ~0.5M, in number of tokens
+    B = cfg.micro_batch_size  # micro batch size
+    T = cfg.sequence_length  # sequence length
+    assert total_batch_size % (B * T * ddp_world_size) == 0, "make sure total_batch_size is divisible by B * T * ddp_world_size"
+    grad_accum_steps = total_batch_size // (B * T * ddp_world_size)
+
+    train_loader = DataLoaderLite(B=B, T=T, process_rank=ddp_rank, num_processes=ddp_world_size, split="train",
+                                  data_root=cfg.data_root, shuffle=cfg.shuffle, seed=cfg.seed)
+    val_loader = DataLoaderLite(B=B, T=T, process_rank=ddp_rank, num_processes=ddp_world_size, split="val",
+                                data_root=cfg.data_root)
+
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls that remain
+
+    # create model
+    model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
+                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+    model.to(device)
+    # the plain GPT: what is saved. It is taken before compiling (whose state_dict prefixes
+    # every name with "_orig_mod.") rather than as model.module after DDP, as the lecture does
+    raw_model = model
+    dtype, dtype_why = pick_dtype(cfg.dtype, device)
+    use_compile, compile_why = pick_compile(cfg.compile, device_type)
+    if use_compile:
+        # evaluation and sampling use fixed shapes, so compile stays on for them (defect 1)
+        model = torch.compile(model, dynamic=False)
+    if ddp:
+        model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+
+    optimizer = raw_model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
+                                               device_type=device_type)
+    # float16 (GPUs without bf16) needs loss scaling; for other dtypes the scaler does nothing
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+
+    # beyond the lecture: continue a run from its checkpoint (weights, optimizer, loader, RNG)
+    start_step = maybe_resume(cfg, raw_model, optimizer, scaler, train_loader, log)
+    # HellaSwag: render the val examples once; each rank keeps its share (example i: rank i % N)
+    if cfg.hellaswag:
+        hella = load_hellaswag(cfg, enc, ddp_rank, ddp_world_size)
+
+    # print the derived quantities once
+    log(f"total batch {total_batch_size:,} tokens = {B} x {T} tokens x {ddp_world_size} "
+        f"processes x {grad_accum_steps} gradient accumulation steps")
+    peak = report_start(cfg, device, dtype, dtype_why, use_compile, compile_why, raw_model,
+                        optimizer, train_loader, val_loader, log)
+    flops = flops_per_token(raw_model, T)  # per token, for MFU
+
+    # the log file: "{step} train|val|hella {value}" lines, as the lecture writes them
+    log_file = os.path.join(cfg.log_dir, "log.txt")
+    if master_process:
+        prepare_log_dir(cfg, start_step)  # beyond the lecture: config.json, trim after a resume
+
+    def write_log(line):
+        if master_process:
+            with open(log_file, "a") as f:
+                f.write(line + "\n")
+
+    def checkpoint(step, val_loss=None):  # the state before optimizer step `step`
+        save_checkpoint(cfg, step, raw_model, optimizer, scaler, train_loader, val_loss,
+                        ddp_world_size, master_process, log)
+
+    amp = dict(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+    if stop.vote(ddp, device):  # SIGTERM / Ctrl-C while starting up: nothing to save yet
+        log("stopped by a signal before the first step; nothing to save")
+        return
+    for step in range(start_step, cfg.max_steps):
+        last_step = (step == cfg.max_steps - 1)
+        evaluate = step % cfg.eval_interval == 0 or last_step
+
+        # once in a while evaluate our validation loss
+        val_loss = None
+        if evaluate:
+            model.eval()
+            val_loader.reset()
+            with torch.no_grad():
+                val_loss_accum = torch.zeros((), device=device)
+                # val_steps micro-batches in all, rank r taking r, r+N, ...: the lecture took
+                # 20 per rank, so its val loss changed with the number of GPUs (defect 6)
+                for _ in range(ddp_rank, cfg.val_steps, ddp_world_size):
+                    x, y = val_loader.next_batch()
+                    x, y = x.to(device), y.to(device)
+                    with torch.autocast(**amp):
+                        logits, loss = model(x, y)
+                    val_loss_accum += loss.detach() / cfg.val_steps
+            if ddp:
+                dist.all_reduce(val_loss_accum, op=dist.ReduceOp.SUM)  # gloo has no AVG (defect 5)
+            val_loss = val_loss_accum.item()
+            log(f"validation loss: {val_loss:.4f}")
+            write_log(f"{step} val {val_loss:.4f}")
+
+        # every checkpoint_interval steps and at the last step: the state before this step
+        if step > 0 and (step % cfg.checkpoint_interval == 0 or last_step) and step != start_step:
+            checkpoint(step, val_loss)
+
+        # once in a while evaluate hellaswag
+        if cfg.hellaswag and evaluate:
+            model.eval()
+            counts = hellaswag.evaluate(model, hella["examples"], device, seq_len=hella["seq_len"],
+                                        num_batches=hella["num_batches"], autocast_dtype=dtype,
+                                        progress=master_process, should_stop=lambda: stop.vote(ddp, device))
+            if counts is None:  # a signal during the evaluation: save the state before this step
+                checkpoint(step)
+                log(f"stopped by a signal during the HellaSwag evaluation of step {step}; "
+                    "continue with --resume auto")
+                break
+            # reduce the stats across all processes
+            counts = torch.tensor(counts[1:], dtype=torch.long, device=device)
+            if ddp:
+                dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            num_correct_norm, num_total = counts.tolist()
+            acc_norm = num_correct_norm / num_total
+            log(f"HellaSwag accuracy: {num_correct_norm}/{num_total}={acc_norm:.4f}")
+            write_log(f"{step} hella {acc_norm:.4f}")
+
+        # once in a while generate from the model (except step 0, which is noise)
+        if cfg.sample and evaluate and step > 0:
+            model.eval()
+            num_return_sequences = 4
+            max_length = 32
+            tokens = enc.encode("Hello, I'm a language model,")
+            tokens = torch.tensor(tokens, dtype=torch.long)
+            tokens = tokens.unsqueeze(0).repeat(num_return_sequences, 1)  # (4, 8)
+            # a fixed (4, 32) buffer, filled left to right: the model sees one shape, so it
+            # compiles once (the lecture's growing xgen recompiled at every length, defect 1).
+            # Causal attention: the zeros right of position t cannot change the logits at t.
+            xgen = torch.zeros(num_return_sequences, max_length, dtype=torch.long, device=device)
+            xgen[:, :tokens.size(1)] = tokens
+            sample_rng = torch.Generator(device=device)
+            sample_rng.manual_seed(42 + ddp_rank)
+            for t in range(tokens.size(1), max_length):
+                # forward the model to get the logits
+                with torch.no_grad():
+                    with torch.autocast(**amp):
+                        logits, loss = model(xgen)  # (B, T, vocab_size)
+                    # the logits that predict position t; only real tokens: ids past the
+                    # tokenizer's 50257 are vocabulary padding, with no text to decode
+                    logits = logits[:, t - 1, :enc.n_vocab]  # (B, 50257)
+                    # get the probabilities
+                    probs = F.softmax(logits.float(), dim=-1)
+                    # do top-k sampling of 50 (huggingface pipeline default)
+                    # topk_probs here becomes (4, 50), topk_indices is (4, 50)
+                    topk_probs, topk_indices = torch.topk(probs, 50, dim=-1)
+                    # select a token from the top-k probabilities
+                    # note: multinomial does not demand the input to sum to 1
+                    ix = torch.multinomial(topk_probs, 1, generator=sample_rng)  # (B, 1)
+                    # gather the corresponding indices and write them at position t
+                    xgen[:, t] = torch.gather(topk_indices, -1, ix).squeeze(-1)
+            # print the generated text
+            for i in range(num_return_sequences):
+                decoded = enc.decode(xgen[i, :max_length].tolist())
+                print(f"rank {ddp_rank} sample {i}: {decoded}")
+
+        # do one step of the optimization; t0 here, not at the top of the loop as in the
+        # lecture, so that dt is the step alone and not the evaluations before it
+        t0 = time.time()
+        model.train()
+        lr = get_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+        loss_accum, norm = train_step(model, optimizer, scaler, train_loader, grad_accum_steps,
+                                      lr, cfg.grad_clip, device, dtype)
+        # one all-reduce for the loss (summed: gloo has no AVG) and for "stop?": a signal to any
+        # rank stops every rank at the same step. .tolist() waits for the GPU to finish.
+        stats = torch.stack([loss_accum, torch.tensor(float(stop.requested), device=device)])
+        if ddp:
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        loss_sum, stop_votes, norm = torch.cat([stats, norm.float().view(1)]).tolist()
+        t1 = time.time()
+        dt = t1 - t0  # time difference in seconds
+        loss_accum = loss_sum / ddp_world_size  # the mean over the ranks
+        tokens_processed = B * T * grad_accum_steps * ddp_world_size
+        tokens_per_sec = tokens_processed / dt  # all processes together
+        # MFU per GPU: each GPU's share of the tokens against one GPU's peak
+        mfu_text = f" | mfu {100 * mfu(tokens_per_sec / ddp_world_size, flops, peak):.1f}%" if peak else ""
+        log(f"step {step:5d} | loss {loss_accum:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+            f"dt: {dt * 1000:.2f}ms | tok/sec: {tokens_per_sec:.2f}{mfu_text}")
+        write_log(f"{step} train {loss_accum:.6f}")
+        if stop_votes > 0 and not last_step:  # SIGTERM (preemption) or Ctrl-C: save, stop
+            checkpoint(step + 1)
+            log(f"stopped by a signal after step {step}; continue with --resume auto")
+            break
+    else:
+        # the loop ran to the end: also keep the trained weights, after the last step
+        checkpoint(cfg.max_steps)
+    # main() destroys the process group, also when an error ended the run
 
 
-@torch.no_grad()
-def generate(model, idx, max_length, top_k=50, temperature=1.0, generator=None,
-             use_kv_cache=False, dtype=torch.float32, vocab_limit=None):
-    """Extend idx (B, T0) to (B, max_length) tokens: softmax, keep the top_k, sample.
-    vocab_limit: sample only ids below it (the tokenizer's 50257 when the model's vocabulary
-    is padded to 50304: the padding ids have no text and would crash decode).
+# =============================================================================
+# Beyond the lecture: devices and dtypes, checkpoints and exact resume, signals, the log
+# folder, command-line parsing and checks, MFU, main()
+# =============================================================================
 
-    Without a KV cache every step runs the whole fixed-size (B, max_length) buffer (the
-    padding on the right cannot change causal logits), so a compiled model sees one shape
-    and compiles once. With one (sample.py) each step feeds only the newest token."""
-    B, T0 = idx.shape
-    device_type = idx.device.type
-    buf = torch.zeros(B, max_length, dtype=torch.long, device=idx.device)
-    buf[:, :T0] = idx
-    kv_cache = [dict() for _ in range(model.config.n_layer)] if use_kv_cache else None
-    for t in range(T0, max_length):
-        with autocast_context(device_type, dtype):
-            if kv_cache is None:
-                logits = model(buf)[0][:, t - 1, :]  # (B, V): the prediction for position t
-            else:  # first the whole prompt, then one token at a time
-                new = buf[:, :t] if t == T0 else buf[:, t - 1:t]
-                logits = model(new, kv_cache=kv_cache)[0][:, -1, :]
-        if vocab_limit is not None:
-            logits = logits[:, :vocab_limit]  # (B, vocab_limit): ids keep their meaning
-        probs = F.softmax(logits.float() / temperature, dim=-1)
-        # top-k sampling (Hugging Face's default of 50): never pick a very unlikely token
-        topk_probs, topk_indices = torch.topk(probs, top_k, dim=-1)  # (B, top_k)
-        ix = torch.multinomial(topk_probs, 1, generator=generator)  # (B, 1)
-        buf[:, t] = torch.gather(topk_indices, -1, ix).squeeze(-1)
-    return buf
+# -----------------------------------------------------------------------------
+# The device, the dtype, torch.compile: each picked (or checked) with a reason to print
+
+def pick_device(name):
+    """'cuda', 'mps' or 'cpu': the one asked for, if this machine has it, else the first there is."""
+    has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    kind = name.split(":")[0]
+    if kind not in ("cuda", "mps", "cpu"):
+        raise UserError(f"--device must be cuda, mps or cpu, not {name}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this torch has no usable CUDA "
+                        f"(torch {torch.__version__}, {torch.cuda.device_count()} GPUs visible)")
+    if kind == "mps" and not has_mps:
+        raise UserError(f"--device {name}: MPS is not available on this machine")
+    return name
 
 
-# bf16 dense tensor-core peak, TFLOPS, for MFU (vendor datasheets); --peak_tflops overrides
-PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989),
-               ("B200", 2250), ("A100", 312), ("A10G", 125), ("L40S", 362), ("L4", 121),
-               ("RTX 4090", 165), ("RTX 3090", 71), ("V100", 125)]
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else device
 
 
-def peak_tflops(device_name):
-    for name, tflops in PEAK_TFLOPS:  # first match wins, so "H100 PCIe" before "H100"
-        if name in device_name:
-            return tflops
-    return None
+def pick_dtype(name, device):
+    """(autocast dtype, why). bfloat16 needs no gradient scaler; float16 does."""
+    if name == "auto":
+        if device.startswith("cuda"):
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16, "auto: CUDA with bfloat16"
+            major, minor = torch.cuda.get_device_capability(device)
+            return torch.float16, (f"auto: compute capability {major}.{minor} has no bfloat16, "
+                                   "so float16 with a gradient scaler")
+        return torch.float32, f"auto: float32 on {device}"
+    return getattr(torch, name), ("with a gradient scaler" if name == "float16" else "--dtype")
+
+
+def pick_compile(value, device_type):
+    """(compile?, why) for --compile auto|1|0. On CUDA torch.compile needs Triton, which
+    Windows lacks: auto then runs eager, and an explicit 1 is an error now, not at step 0."""
+    triton = device_type != "cuda" or _has_triton()
+    if value == "auto":
+        if not triton:
+            return False, "auto: torch.compile needs Triton on CUDA, and there is none here"
+        return device_type == "cuda", f"auto: {'on' if device_type == 'cuda' else 'off'} on {device_type}"
+    if value == "1" and not triton:
+        raise UserError("--compile 1: torch.compile needs Triton on CUDA and it is not installed "
+                        "(Windows has none): use --compile 0")
+    return value == "1", "--compile"
+
+
+def _has_triton():
+    try:
+        import triton  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def gpt2_tokenizer():
+    import tiktoken  # here, not at the top: importing this file builds no tokenizer
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}): tiktoken downloads "
+                        "it once into its cache; offline, set TIKTOKEN_CACHE_DIR to a folder that "
+                        "holds it, or pass --sample 0 --hellaswag 0") from None
+
+
+def load_hellaswag(cfg, enc, rank, world_size):
+    """This rank's share of the rendered val examples, the one padded length, and the number of
+    forward passes: the same on every rank, so that the passes' stop votes (and FSDP's
+    collectives) line up."""
+    try:
+        if rank == 0:
+            hellaswag.download("val")  # once, before the other ranks look for it
+        if world_size > 1:
+            dist.barrier()
+        examples = list(hellaswag.iterate_examples("val"))[:cfg.hellaswag_limit or None]
+    except hellaswag.HellaSwagError as e:
+        raise UserError(f"{e}; or pass --hellaswag 0, or a small --hellaswag_limit") from None
+    rendered = [hellaswag.render_example(example, enc) for example in examples]
+    seq_len = hellaswag.pad_length(rendered)  # computed on all examples: one shape on every rank
+    if seq_len > cfg.block_size:
+        raise UserError(f"HellaSwag needs sequences of {seq_len} tokens; --block_size is "
+                        f"{cfg.block_size}: raise it, or pass --hellaswag 0")
+    per_rank = math.ceil(len(rendered) / world_size)
+    return dict(examples=rendered[rank::world_size], seq_len=seq_len,
+                num_batches=math.ceil(per_rank / hellaswag.BATCH_SIZE))
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: plain types only, written atomically, enough to resume exactly
+# Signals: SIGTERM (preemption, scancel) or Ctrl-C finish the step, checkpoint, exit 0
 
-CHECKPOINT_KEYS = ("model", "config", "step", "val_loss")
+class StopRequest:
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+        self.requested = True
+
+    def vote(self, ddp, device):
+        """Has any rank been asked to stop? (a collective: every rank must call it)"""
+        flag = torch.tensor(float(self.requested), device=device)
+        if ddp:
+            dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+        return flag.item() > 0
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
-def save_checkpoint(path, checkpoint):
-    """Write to a temporary name, flush to disk, then rename: a crash mid-write leaves
-    the previous checkpoint untouched and no half-written file under the real name."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# -----------------------------------------------------------------------------
+# Checkpoints: plain types only (torch.load's safe default reads them), written atomically,
+# with all that an exact resume needs
 
-
-def load_checkpoint(path):
-    """torch.load with its safe default (weights_only): our checkpoints hold plain types."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, ...
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(checkpoint, dict) or not all(k in checkpoint for k in CHECKPOINT_KEYS):
-        raise UserError(f"{path} is not a checkpoint of train_gpt2.py "
-                        f"(expected a dict with keys {', '.join(CHECKPOINT_KEYS)})")
-    return checkpoint
+CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt")
 
 
 def list_checkpoints(log_dir):
-    """(step, path) of the complete checkpoints in log_dir, oldest first (.tmp files are
-    unfinished writes)."""
-    found = [(re.fullmatch(r"model_(\d+)\.pt", os.path.basename(p)), p)
-             for p in glob.glob(os.path.join(log_dir, "model_*.pt"))]
-    return sorted((int(m.group(1)), p) for m, p in found if m)
-
-
-def model_from_checkpoint(path, device="cpu"):
-    """The GPT of one of our checkpoints, in eval mode (for hellaswag.py, sample.py, ...)."""
-    checkpoint = load_checkpoint(path)
-    model = GPT(GPTConfig(**checkpoint["config"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval()
-
-
-def load_model(checkpoint=None, model_type=None, device="cpu"):
-    """One of our checkpoints, or OpenAI's weights ('gpt2', ...) through Hugging Face."""
-    if checkpoint is not None:
-        return model_from_checkpoint(checkpoint, device)
-    try:
-        model = GPT.from_pretrained(model_type)
-    except OSError as e:  # offline, and the weights are not in Hugging Face's cache
-        raise UserError(f"cannot load {model_type} from Hugging Face: "
-                        f"{str(e).splitlines()[0]}") from None
-    return model.to(device).eval()
+    """(step, path) of the complete checkpoints in log_dir, oldest first. The folder is listed,
+    not globbed, so a name like runs/lr[3e-4] is taken literally; .tmp files are unfinished."""
+    if not os.path.isdir(log_dir):
+        return []
+    found = [(CHECKPOINT_NAME.fullmatch(n), n) for n in os.listdir(log_dir)]
+    return sorted((int(m.group(1)), os.path.join(log_dir, n)) for m, n in found if m)
 
 
 def rng_state():
-    """RNG states of this process. Training draws no random numbers after the init (no
+    """The RNG states of this process. Training draws no random numbers after the init (no
     dropout), but a resumed run should not depend on that staying true."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
              "numpy_pos": int(np.random.get_state()[2]), "python": random.getstate()}
@@ -617,52 +822,221 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def save_checkpoint(cfg, step, raw_model, optimizer, scaler, train_loader, val_loss, world_size,
+                    master_process, log):
+    """Rank 0 writes model_{step:05d}.pt: the state before optimizer step `step`. val_loss is
+    that step's val loss, or None when the step was not evaluated."""
+    if not master_process:
+        return
+    path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
+    checkpoint = {"model": raw_model.state_dict(), "config": dataclasses.asdict(raw_model.config),
+                  "step": step, "val_loss": val_loss, "optimizer": optimizer.state_dict(),
+                  "scaler": scaler.state_dict(), "loader": train_loader.state_dict(),
+                  "train_config": dataclasses.asdict(cfg), "world_size": world_size, "rng": rng_state()}
+    try:
+        fineweb.write_atomic(path, lambda f: torch.save(checkpoint, f))
+    except OSError as e:  # the disk is full: the temporary file is gone, the older ones intact
+        need = sum(t.numel() * t.element_size() for t in _tensors(checkpoint))
+        older = [p for s, p in list_checkpoints(cfg.log_dir) if s < step]
+        raise UserError(f"cannot write {path} ({e.strerror or e}; it needs about {need / 2**30:.2f} "
+                        f"GiB); {'the previous checkpoint ' + older[-1] + ' is intact' if older else 'no earlier checkpoint'}") from None
+    if cfg.keep_checkpoints > 0:  # the newest N up to this one (not a later, abandoned run's)
+        for _, old in [c for c in list_checkpoints(cfg.log_dir) if c[0] <= step][:-cfg.keep_checkpoints]:
+            os.remove(old)
+    log(f"saved {path}")
+
+
+def _tensors(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def load_checkpoint(path):
+    """A checkpoint of this program, read with torch.load's safe default (weights_only)."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, a pickle of other objects: never unpickled
+        raise UserError(f"{path} is not a readable checkpoint of train_gpt2.py "
+                        f"({type(e).__name__}: it is cut short or holds other objects)") from None
+    if not isinstance(checkpoint, dict) or not {"model", "config", "step"} <= set(checkpoint):
+        raise UserError(f"{path} is not a checkpoint of train_gpt2.py (no model, config and step)")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, path):
+    """The GPT that a checkpoint holds; old checkpoints carry flash_attention, now gone."""
+    names = {f.name for f in dataclasses.fields(GPTConfig)}
+    config = {k: v for k, v in checkpoint["config"].items() if k in names}
+    model = GPT(GPTConfig(**config))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: its weights do not fit its config {config} "
+                        f"({str(e).splitlines()[0][:150]})") from None
+    return model
+
+
+def load_model(checkpoint=None, model_type=None, device="cpu"):
+    """For the tools: one of our checkpoints, or OpenAI's weights ('gpt2', ...) through
+    Hugging Face; in eval mode, on the device."""
+    if checkpoint is not None:
+        model = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+    else:
+        try:
+            model = GPT.from_pretrained(model_type)
+        except OSError as e:  # offline, and the weights are not in Hugging Face's cache
+            raise UserError(f"cannot load {model_type} from Hugging Face: "
+                            f"{str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+class RunFinished(Exception):
+    """--resume of a run that is done: main() says so and exits with status 0."""
+
+
+def find_checkpoint(cfg, log):
+    """(path, checkpoint) to resume from, or (None, None) for a fresh start."""
+    if cfg.resume != "auto":
+        return cfg.resume, load_checkpoint(cfg.resume)
+    unreadable = []
+    for _, path in reversed(list_checkpoints(cfg.log_dir)):  # the newest first
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:  # e.g. a file cut short by a full disk
+            log(f"warning: {e}; trying the previous checkpoint")
+            unreadable.append(os.path.basename(path))
+    if unreadable:  # never start afresh over a run whose checkpoints are all damaged
+        raise UserError(f"--resume auto: no readable checkpoint in {cfg.log_dir} "
+                        f"({', '.join(unreadable)} unreadable); log.txt is untouched")
+    log(f"--resume auto: no checkpoint in {cfg.log_dir}, starting fresh")
+    return None, None
+
+
+def maybe_resume(cfg, raw_model, optimizer, scaler, train_loader, log):
+    """With --resume: loads everything an exact continuation needs and returns its step; else 0."""
+    if not cfg.resume:
+        return 0
+    path, checkpoint = find_checkpoint(cfg, log)
+    if checkpoint is None:
+        return 0
+    if not {"optimizer", "loader", "train_config", "rng"} <= set(checkpoint):
+        raise UserError(f"{path} holds weights only (no optimizer, loader or RNG state): cannot resume")
+    wrong = [f"{k} {v} (flags: {getattr(raw_model.config, k)})" for k, v in checkpoint["config"].items()
+             if hasattr(raw_model.config, k) and getattr(raw_model.config, k) != v]
+    if wrong:
+        raise UserError(f"{path} is a different model: {', '.join(wrong)}")
+    old = checkpoint["train_config"]
+    if (old["micro_batch_size"], old["sequence_length"]) != (cfg.micro_batch_size, cfg.sequence_length):
+        raise UserError(f"{path} was written with --micro_batch_size {old['micro_batch_size']} "
+                        f"--sequence_length {old['sequence_length']}: resume needs the same "
+                        "(the loader position counts batches of B*T tokens)")
+    step = checkpoint["step"]
+    if step == cfg.max_steps:
+        raise RunFinished(f"{path} is the last checkpoint of a finished run (step {step} of "
+                          f"--max_steps {cfg.max_steps}): nothing to do; raise --max_steps to train on")
+    if step > cfg.max_steps:
+        raise UserError(f"{path} is at step {step}, past --max_steps {cfg.max_steps}: raise "
+                        "--max_steps to train on, or resume an earlier checkpoint")
+    effects = dict(max_steps=f"the cosine schedule now ends at step {cfg.max_steps}",
+                   warmup_steps="the schedule's warmup changes", max_lr="the schedule jumps",
+                   min_lr="the schedule jumps", shuffle="the data order changes from here on",
+                   seed="the shuffled data order changes from here on")
+    changed = [f"--{k} {old[k]} -> {getattr(cfg, k)} ({effect})" for k, effect in effects.items()
+               if k in old and old[k] != getattr(cfg, k) and (k != "seed" or cfg.shuffle)]
+    if changed:
+        log(f"warning: resuming with other flags than the run's: {'; '.join(changed)}")
+    raw_model.load_state_dict(checkpoint["model"])
+    for saved, group in zip(checkpoint["optimizer"]["param_groups"], optimizer.param_groups):
+        saved["fused"] = group["fused"]  # fused or not is this machine's choice (CUDA or not)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint.get("scaler") or scaler.state_dict())
+    train_loader.set_state(checkpoint["loader"])
+    set_rng_state(checkpoint["rng"])
+    log(f"resumed from {path} at step {step}")
+    if checkpoint["world_size"] != int(os.environ.get("WORLD_SIZE", 1)):
+        log(f"the checkpoint was written by {checkpoint['world_size']} processes, this run has "
+            f"{os.environ.get('WORLD_SIZE', 1)}: the loader position is the same stream's")
+    return step
+
+
 # -----------------------------------------------------------------------------
-# Config: one dataclass, every field a --flag; the defaults are the lecture's run
+# The log folder: what a fresh start may overwrite, and the log after a resume
 
-@dataclass
-class TrainConfig:
-    # files
-    data_root: str = fineweb.LOCAL_DIR  # token shards from fineweb.py (next to the scripts)
-    log_dir: str = "log"  # log.txt and checkpoints model_{step:05d}.pt
-    # model: GPT-2 124M, vocab padded 50257 -> 50304 = 393 * 128 (faster kernels)
-    n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention heads
-    n_embd: int = 768  # channels
-    block_size: int = 1024  # max context, tokens
-    vocab_size: int = 50304  # padded; the 47 extra tokens are never seen, their logits learn -inf
-    # batch: 2**19 tokens per optimizer step, about GPT-3 small's 0.5M (GPT-3 paper, table 2.1)
-    micro_batch_size: int = 64  # B, sequences per forward/backward per process
-    sequence_length: int = 1024  # T, tokens per sequence
-    total_batch_size: int = 524288  # tokens per optimizer step, all processes together
-    # optimizer and schedule (GPT-3 paper, appendix B)
-    max_steps: int = 19073  # 10e9 tokens / 2**19 tokens per step = one epoch of FineWeb-Edu 10B
-    warmup_steps: int = 715  # 375M tokens of warmup (GPT-3) / 2**19
-    max_lr: float = 6e-4  # GPT-3 small's learning rate
-    min_lr: float = 6e-5  # 10% of max_lr at the end of the cosine
-    weight_decay: float = 0.1  # on matmul weights and embeddings only
-    grad_clip: float = 1.0  # max global gradient norm
-    shuffle: bool = False  # shuffle shards and batches each epoch (the reference reads in order)
-    # evaluation, sampling, checkpoints
-    eval_interval: int = 250  # steps between val loss / HellaSwag / samples (and at the last step)
-    val_steps: int = 20  # val micro-batches in total (split across ranks)
-    hellaswag: bool = True  # HellaSwag accuracy (acc_norm) at every evaluation
-    hellaswag_limit: int = 0  # only the first N val examples (0: all 10,042)
-    sample: bool = True  # print 4 samples at every evaluation (not at step 0)
-    checkpoint_interval: int = 5000  # steps between checkpoints (and at the last step)
-    keep_checkpoints: int = 0  # keep only the newest N checkpoints (0: keep all)
-    resume: str = ""  # "auto": newest checkpoint in log_dir, or a path; "": start fresh
-    # system
-    device: str = "auto"  # cuda, then mps, then cpu
-    dtype: str = "auto"  # autocast dtype: bfloat16 on CUDA, float32 elsewhere
-    compile: bool = None  # torch.compile the model (default: on CUDA only)
-    seed: int = 1337  # the lecture's seed
-    peak_tflops: float = 0.0  # accelerator peak for MFU (0: look the GPU up in PEAK_TFLOPS)
+OUR_FILES = re.compile(r"(model_\d+\.pt|log\.txt|config\.json)(\.tmp)?")
 
+
+def check_log_dir(cfg):
+    """Before anything is built: never start afresh over another run's checkpoints."""
+    if os.path.exists(cfg.log_dir) and not os.path.isdir(cfg.log_dir):
+        raise UserError(f"--log_dir {cfg.log_dir} is a file, not a folder")
+    if cfg.resume or not list_checkpoints(cfg.log_dir):
+        return
+    if not cfg.overwrite:
+        raise UserError(f"{cfg.log_dir} holds the checkpoints of another run: continue it with "
+                        "--resume auto, or choose another --log_dir, or pass --overwrite 1 to delete them")
+    if int(os.environ.get("RANK", 0)) == 0:
+        for name in os.listdir(cfg.log_dir):  # only what this program writes there
+            if OUR_FILES.fullmatch(name):
+                os.remove(os.path.join(cfg.log_dir, name))
+
+
+def prepare_log_dir(cfg, start_step):
+    """config.json (this start's flags), and log.txt: emptied by a fresh start (as the lecture),
+    cut back to the resumed step otherwise (a killed run may have logged past it). Stale .tmp
+    files of killed writes are removed. Every rewrite is atomic."""
+    os.makedirs(cfg.log_dir, exist_ok=True)
+    for name in os.listdir(cfg.log_dir):
+        if name.endswith(".tmp") and OUR_FILES.fullmatch(name):
+            os.remove(os.path.join(cfg.log_dir, name))
+    fineweb.write_atomic(os.path.join(cfg.log_dir, "config.json"),
+                         lambda f: f.write(json.dumps(dataclasses.asdict(cfg), indent=1).encode()))
+    log_file = os.path.join(cfg.log_dir, "log.txt")
+    lines = []
+    if start_step > 0 and os.path.exists(log_file):
+        with open(log_file) as f:  # keep whole lines of the steps before start_step
+            lines = [l for l in f if l.endswith("\n") and l.split(" ", 1)[0].isdigit()
+                     and int(l.split(" ", 1)[0]) < start_step]
+    fineweb.write_atomic(log_file, lambda f: f.write("".join(lines).encode()))
+
+
+# -----------------------------------------------------------------------------
+# The command line: every TrainConfig field is a flag; every value is checked before
+# anything is built
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def number(kind, low):
+    """An argparse type: a finite int or float, at least `low`."""
+    def read(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not (math.isfinite(value) and value >= low):
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
+        return value
+    read.__name__ = kind.__name__  # argparse names the type in its messages
+    return read
+
+
+def one_of(*choices):
+    def read(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return text
+    return read
 
 
 def str2bool(s):
@@ -673,294 +1047,132 @@ def str2bool(s):
     raise argparse.ArgumentTypeError(f"expected 1/0/true/false, got {s!r}")
 
 
+ENV_HELP = """environment variables:
+  TIKTOKEN_CACHE_DIR   a folder holding tiktoken's GPT-2 files (offline machines)
+  HELLASWAG_DIR        where hellaswag_val.jsonl is kept (default: ./hellaswag next to the scripts)
+  RANK, LOCAL_RANK, WORLD_SIZE   set by torchrun: a multi-process run"""
+
+
 def parse_args(argv=None):
-    parser = OneLineParser(description="Train GPT-2 (124M) on FineWeb-Edu; defaults = the lecture's run.")
-    # --help shows each field's comment from the dataclass above
-    comments = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(TrainConfig), re.M))
-    for field in dataclasses.fields(TrainConfig):
-        kind = {"bool": str2bool, "int": int, "float": float, "str": str}[field.type if isinstance(
-            field.type, str) else field.type.__name__]
-        default = "auto" if field.default is None else field.default
-        parser.add_argument(f"--{field.name}", type=kind, default=field.default,
-                            metavar=field.name.upper() if kind is not str2bool else "0|1",
-                            help=f"{comments.get(field.name, '')} (default: {default})".replace("%", "%%"))
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    parser = OneLineParser(description="Train GPT-2 on FineWeb-Edu shards; the defaults are "
+                           "the lecture's 124M run.", epilog=ENV_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        low, choices = f.metadata["low"], f.metadata["choices"]
+        kind = (number(f.type, low) if low is not None else one_of(*choices) if choices
+                else str2bool if f.type is bool else f.type)
+        default = int(f.default) if kind is str2bool else f.default  # booleans show as 0/1
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default,
+                            metavar="0|1" if kind is str2bool else f.name.upper(),
+                            help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"))
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """What one flag's range cannot say, before any data, model or process group exists."""
+    B, T, world_size = cfg.micro_batch_size, cfg.sequence_length, int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"--n_embd {cfg.n_embd} is not a multiple of --n_head {cfg.n_head}")
+    if T > cfg.block_size:
+        raise UserError(f"--sequence_length {T} is longer than --block_size {cfg.block_size}")
+    if cfg.total_batch_size % (B * T * world_size):
+        raise UserError(f"--total_batch_size {cfg.total_batch_size} is not divisible by "
+                        f"B*T*world_size = {B}*{T}*{world_size} = {B * T * world_size}")
+    if cfg.max_lr <= 0 or cfg.min_lr > cfg.max_lr:
+        raise UserError(f"--max_lr must be above 0 and at least --min_lr, not {cfg.max_lr} "
+                        f"(--min_lr {cfg.min_lr})")
+    if cfg.sample and cfg.block_size < 32:
+        raise UserError(f"sampling writes 32 tokens, more than --block_size {cfg.block_size}: "
+                        "raise it, or pass --sample 0")
+    if cfg.vocab_size < 50257 and (cfg.sample or cfg.hellaswag):
+        raise UserError(f"--vocab_size {cfg.vocab_size} is smaller than the GPT-2 tokenizer's 50257, "
+                        "which sampling and HellaSwag use: raise it, or pass --sample 0 --hellaswag 0")
+    if not cfg.log_dir or not cfg.data_root:
+        raise UserError("--log_dir and --data_root must not be empty")
 
 
 # -----------------------------------------------------------------------------
-# The training loop
+# MFU: model FLOPs utilization, the FLOPs the model needs per second over the chip's peak
 
-def gpt2_tokenizer():
-    import tiktoken  # imported here: importing this file builds no tokenizer
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}): tiktoken downloads "
-                        "it once into its cache; offline, set TIKTOKEN_CACHE_DIR to a folder that "
-                        "holds it, or pass --sample 0 --hellaswag 0") from None
-
-
-def find_checkpoint(cfg, log):
-    """(path, checkpoint) to resume from, or (None, None) for a fresh start."""
-    if not cfg.resume:
-        return None, None
-    if cfg.resume != "auto":
-        return cfg.resume, load_checkpoint(cfg.resume)
-    for _, path in reversed(list_checkpoints(cfg.log_dir)):  # newest first
-        try:
-            return path, load_checkpoint(path)
-        except UserError as e:  # e.g. a file cut short by a full disk
-            log(f"warning: {e}; trying the previous checkpoint")
-    log(f"--resume auto: no checkpoint in {cfg.log_dir}, starting fresh")
-    return None, None
+# dense tensor-core peak TFLOPS per autocast dtype (vendor datasheets, without sparsity);
+# float32 means TF32 matmuls. None: the chip lacks the dtype. First match wins.
+PEAK_TFLOPS = [  # name in torch.cuda.get_device_name: bfloat16, float16, float32 (TF32)
+    ("H100 PCIe", (756, 756, 378)), ("H100", (989, 989, 494)), ("GH200", (989, 989, 494)),
+    ("H200", (989, 989, 494)), ("B200", (2250, 2250, 1100)), ("A100", (312, 312, 156)),
+    ("L40S", (362, 362, 183)), ("L40", (181, 181, 90)), ("L4", (121, 121, 60)),
+    ("RTX 4090", (165, 165, 83)), ("RTX 3090", (71, 71, 36)),
+    ("V100", (None, 125, None)), ("T4", (None, 65, None)),
+]
 
 
-def check_resumable(path, checkpoint, model_config, cfg):
-    if "optimizer" not in checkpoint or "loader" not in checkpoint:
-        raise UserError(f"{path} holds weights only (no optimizer or loader state): cannot resume")
-    wrong = [f"{k} {checkpoint['config'].get(k)} (flags: {v})"
-             for k, v in dataclasses.asdict(model_config).items()
-             if k != "flash_attention" and checkpoint["config"].get(k) != v]
-    if wrong:
-        raise UserError(f"{path} is a different model: {', '.join(wrong)}")
-    old = checkpoint["train_config"]
-    if (old["micro_batch_size"], old["sequence_length"]) != (cfg.micro_batch_size, cfg.sequence_length):
-        raise UserError(f"{path} was written with --micro_batch_size {old['micro_batch_size']} "
-                        f"--sequence_length {old['sequence_length']}: resume needs the same "
-                        "(the loader position counts batches of B*T tokens)")
+def peak_tflops(device, dtype):
+    """The peak of this GPU for this dtype, or None when unknown (or not a GPU)."""
+    if not device.startswith("cuda"):
+        return None
+    column = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[dtype]
+    for name, peaks in PEAK_TFLOPS:
+        if name in device_name(device):
+            return peaks[column]
+    return None
 
 
-def trim_log(log_file, step):
-    """Keep what was logged before `step`: the resumed run logs step and later again
-    (a killed run may have logged past its last checkpoint, or half a line)."""
-    if not os.path.exists(log_file):
-        return
-    with open(log_file) as f:
-        lines = f.readlines()
-    def keep(line):
-        first = line.split(" ", 1)[0]
-        return line.endswith("\n") and (not first.isdigit() or int(first) < step)
-    with open(log_file, "w") as f:
-        f.writelines(line for line in lines if keep(line))
+def flops_per_token(model, T):
+    """Training FLOPs per token: 6N for the matmuls with the weights (forward 2N, backward 4N)
+    plus attention's 12 * n_layer * n_head * head_size * T (PaLM paper, appendix B)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    return 6 * n_params + 12 * model.config.n_layer * model.config.n_embd * T
 
 
-class StopRequest:
-    """SIGTERM (schedulers, preemption) or Ctrl-C: finish the step, checkpoint, exit 0."""
-
-    def __init__(self):
-        self.signum = None
-        self.previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def __call__(self, signum, frame):
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.signum = signum
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+def mfu(tokens_per_sec, flops_per_token, peak):
+    """MFU, a fraction, of one chip: tokens_per_sec must be that chip's own."""
+    return tokens_per_sec * flops_per_token / (peak * 1e12)
 
 
-def train(cfg, d):
-    log = print if d.master_process else (lambda *args, **kwargs: None)
-    B, T = cfg.micro_batch_size, cfg.sequence_length
-    if T > cfg.block_size:
-        raise UserError(f"--sequence_length {T} is longer than --block_size {cfg.block_size}")
-    if cfg.total_batch_size % (B * T * d.world_size) != 0:
-        raise UserError(f"--total_batch_size {cfg.total_batch_size} is not divisible by "
-                        f"B*T*world_size = {B}*{T}*{d.world_size} = {B * T * d.world_size}")
-    if cfg.n_embd % cfg.n_head != 0:
-        raise UserError(f"--n_embd {cfg.n_embd} is not a multiple of --n_head {cfg.n_head}")
-    for name in ("micro_batch_size", "sequence_length", "max_steps", "eval_interval", "val_steps",
-                 "checkpoint_interval"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be at least 1, not {getattr(cfg, name)}")
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise UserError(f"--dtype must be float32 or bfloat16, not {cfg.dtype}")
-    grad_accum_steps = cfg.total_batch_size // (B * T * d.world_size)
-    dtype = getattr(torch, cfg.dtype if cfg.dtype != "auto" else
-                    ("bfloat16" if d.device_type == "cuda" else "float32"))
-    use_compile = d.device_type == "cuda" if cfg.compile is None else cfg.compile
+def report_start(cfg, device, dtype, dtype_why, use_compile, compile_why, raw_model, optimizer,
+                 train_loader, val_loader, log):
+    """Prints what the flags came to; returns the peak TFLOPS for MFU (None: unknown)."""
+    log(f"device {device_name(device)}, dtype {str(dtype)[6:]} ({dtype_why}), compile "
+        f"{'on' if use_compile else 'off'} ({compile_why})")
+    groups = [(len(g["params"]), sum(p.numel() for p in g["params"])) for g in optimizer.param_groups]
+    log(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters; weight decay on "
+        f"{groups[0][0]} tensors ({groups[0][1]:,} parameters), none on {groups[1][0]} ({groups[1][1]:,})")
+    log(f"data: {len(train_loader.shards)} train and {len(val_loader.shards)} val shards in {cfg.data_root}")
+    peak = cfg.peak_tflops or peak_tflops(device, dtype)
+    if device.startswith("cuda") and not peak:
+        log(f"MFU not shown: no peak TFLOPS known for {device_name(device)} in {str(dtype)[6:]} "
+            "(pass --peak_tflops)")
+    return peak
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed(cfg.seed)
-    train_loader = DataLoaderLite(B, T, d.rank, d.world_size, "train", cfg.data_root,
-                                  shuffle=cfg.shuffle, seed=cfg.seed)
-    val_loader = DataLoaderLite(B, T, d.rank, d.world_size, "val", cfg.data_root)
-    if d.device_type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls left
 
-    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
-                             n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-    raw_model = GPT(model_config).to(d.device)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr)
-
-    # resume: weights, optimizer moments, loader position and RNG, from one file
-    start_step, val_loss = 0, None
-    resume_path, checkpoint = find_checkpoint(cfg, log)
-    resumed = checkpoint is not None
-    if resumed:
-        check_resumable(resume_path, checkpoint, model_config, cfg)
-        raw_model.load_state_dict(checkpoint["model"])
-        for saved, group in zip(checkpoint["optimizer"]["param_groups"], optimizer.param_groups):
-            saved["fused"] = group["fused"]  # fused or not is this machine's choice (CUDA or not)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        train_loader.set_state(checkpoint["loader"])
-        set_rng_state(checkpoint["rng"])
-        start_step, val_loss = checkpoint["step"], checkpoint["val_loss"]
-        log(f"resumed from {resume_path} at step {start_step}")
-        if checkpoint["world_size"] != d.world_size:  # the stream position is rank-independent
-            log(f"the checkpoint was written by {checkpoint['world_size']} processes, this run has "
-                f"{d.world_size}: loader positions re-derived from the shared stream position")
-        del checkpoint
-
-    # compile once, before DDP; evaluation and sampling use the compiled model too
-    model = torch.compile(raw_model, dynamic=False) if use_compile else raw_model
-    ddp_model = model
-    if d.ddp:
-        device_ids = [d.local_rank] if d.device_type == "cuda" else None
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-    enc = gpt2_tokenizer() if (cfg.sample or cfg.hellaswag) else None
-    if cfg.hellaswag:
-        import hellaswag
-        try:
-            try:
-                if d.master_process:
-                    hellaswag.download("val")  # once, before the other ranks look for it
-            finally:
-                if d.ddp:
-                    dist.barrier()
-            hellaswag.download("val")  # now a no-op (or the same error as rank 0's, on every rank)
-            examples = itertools.islice(hellaswag.iterate_examples("val"), cfg.hellaswag_limit or None)
-            rendered = [hellaswag.render_example(example, enc) for example in examples]
-        except hellaswag.HellaSwagError as e:
-            raise UserError(str(e)) from None
-        hella_len = hellaswag.pad_length(rendered)  # one shape on every rank: one compilation
-        hella_mine = rendered[d.rank::d.world_size]  # example i on rank i % world_size
-
-    # print the derived quantities once
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    decay, no_decay = (optimizer.param_groups[0]["params"], optimizer.param_groups[1]["params"])
-    device_name = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else d.device
-    log(f"device {device_name}, world size {d.world_size}, dtype {str(dtype)[6:]}, "
-        f"compile {'on' if use_compile else 'off'}")
-    log(f"total batch {cfg.total_batch_size:,} tokens = {B} x {T} tokens x {d.world_size} "
-        f"processes x {grad_accum_steps} gradient accumulation steps")
-    log(f"{n_params:,} parameters; weight decay on {len(decay)} tensors "
-        f"({sum(p.numel() for p in decay):,} parameters), none on {len(no_decay)} "
-        f"({sum(p.numel() for p in no_decay):,})")
-    log(f"data: {len(train_loader.paths)} train shards, {len(val_loader.paths)} val shards "
-        f"in {cfg.data_root}")
-    peak = cfg.peak_tflops or (peak_tflops(device_name) if d.device_type == "cuda" else None)
-    if d.device_type == "cuda" and not peak:
-        log(f"MFU not shown: unknown peak for {device_name} (pass --peak_tflops)")
-
-    # log.txt: a header with the config, then "{step} train|val|hella {value}" lines
-    log_file = os.path.join(cfg.log_dir, "log.txt")
-    if d.master_process:
-        os.makedirs(cfg.log_dir, exist_ok=True)
-        if not resumed:
-            with open(log_file, "w") as f:  # a fresh run starts an empty log
-                f.write(json.dumps(dataclasses.asdict(cfg)) + "\n")
-        else:
-            trim_log(log_file, start_step)
-
-    def write_log(line):
-        if d.master_process:
-            with open(log_file, "a") as f:
-                f.write(line + "\n")
-
-    def checkpoint_now(step):
-        """Rank 0 saves the state *before* training step `step` (the lecture's naming)."""
-        if not d.master_process:
-            return
-        path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
-        save_checkpoint(path, {
-            "model": raw_model.state_dict(), "config": dataclasses.asdict(model_config),
-            "step": step, "val_loss": val_loss, "optimizer": optimizer.state_dict(),
-            "train_config": dataclasses.asdict(cfg), "loader": train_loader.state_dict(),
-            "world_size": d.world_size, "rng": rng_state()})
-        if cfg.keep_checkpoints > 0:  # the newest N up to this one (not a later, abandoned run's)
-            older = [p for s, p in list_checkpoints(cfg.log_dir) if s <= step]
-            for old in older[:-cfg.keep_checkpoints]:
-                os.remove(old)
-        log(f"saved {path}")
-
-    stop = StopRequest()
-    try:
-        for step in range(start_step, cfg.max_steps):
-            last_step = step == cfg.max_steps - 1
-            evaluate_now = step % cfg.eval_interval == 0 or last_step
-
-            # once in a while: the val loss, on a fixed number of tokens
-            if evaluate_now:
-                val_loss = evaluate_loss(model, val_loader, cfg.val_steps, d, dtype)
-                log(f"validation loss: {val_loss:.4f}")
-                write_log(f"{step} val {val_loss:.4f}")
-
-            # HellaSwag: each rank scores its share of the examples, counts summed over ranks
-            if cfg.hellaswag and evaluate_now:
-                counts = hellaswag.evaluate(model, hella_mine, d.device, seq_len=hella_len,
-                                            autocast_dtype=dtype)
-                counts = all_reduce_sum(torch.tensor(counts, dtype=torch.float32, device=d.device), d)
-                num_correct, num_correct_norm, num_total = (int(c) for c in counts.tolist())
-                acc_norm = num_correct_norm / num_total
-                log(f"HellaSwag accuracy: {num_correct_norm}/{num_total}={acc_norm:.4f}")
-                write_log(f"{step} hella {acc_norm:.4f}")
-
-            # samples from the model (rank 0 only: nothing to reduce)
-            if cfg.sample and evaluate_now and step > 0 and d.master_process:
-                prompt = enc.encode("Hello, I'm a language model,")
-                idx = torch.tensor(prompt, dtype=torch.long, device=d.device).repeat(4, 1)
-                sample_rng = torch.Generator(device=d.device)
-                sample_rng.manual_seed(42 + d.rank)
-                out = generate(model, idx, max_length=32, top_k=50, generator=sample_rng, dtype=dtype,
-                               vocab_limit=enc.n_vocab)
-                for i in range(out.size(0)):
-                    log(f"rank {d.rank} sample {i}: {enc.decode(out[i].tolist())}")
-
-            if step > 0 and (step % cfg.checkpoint_interval == 0 or last_step) and step != start_step:
-                checkpoint_now(step)
-
-            # one optimizer step on total_batch_size tokens
-            t0 = time.time()
-            lr = get_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-            loss, norm = train_step(ddp_model, optimizer, train_loader, grad_accum_steps, lr,
-                                    cfg.grad_clip, d.device, dtype)
-            # one all-reduce for the logged loss and "has any rank been asked to stop?"
-            stats = torch.stack([loss, torch.tensor(float(stop.signum is not None), device=d.device)])
-            all_reduce_sum(stats, d)
-            loss_sum, stop_votes, norm = torch.cat([stats, norm.float().view(1)]).tolist()  # waits
-            dt = time.time() - t0
-            loss = loss_sum / d.world_size  # the mean over ranks
-            tokens_per_sec = cfg.total_batch_size / dt
-            mfu_text = f" | mfu {100 * mfu(tokens_per_sec, model_config, T, peak):.1f}%" if peak else ""
-            log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-                f"dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}{mfu_text}")
-            write_log(f"{step} train {loss:.6f}")
-            if stop_votes > 0 and not last_step:
-                checkpoint_now(step + 1)
-                log(f"stopped by a signal after step {step}; continue with --resume auto")
-                break
-    finally:
-        stop.restore()
-
+# -----------------------------------------------------------------------------
+# main: one line per error, the process group torn down whatever happens
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    d = None
+    stop = StopRequest()  # first of all: a SIGTERM during the start must not kill silently
     try:
-        d = setup_distributed(cfg.device)
-        train(cfg, d)
+        cfg = parse_args(argv)
+        check_log_dir(cfg)
+        train(cfg, stop)
     except UserError as e:
-        if d is None or d.master_process:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one line per node, not per process
             print(f"error: {e}", file=sys.stderr)
         return 1
+    except RunFinished as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(e)
+    except KeyboardInterrupt:
+        print("error: stopped at once by a second Ctrl-C; no checkpoint was written for the "
+              "current step", file=sys.stderr)
+        return 130
     finally:
-        if d is not None:
-            cleanup_distributed(d)
+        stop.restore()
+        if dist.is_initialized():
+            # DDP sits in a reference cycle: free it while the process group lives (left to
+            # the interpreter's exit, gloo sometimes aborts with "terminate called ...")
+            gc.collect()
+            dist.destroy_process_group()
     return 0
 
 

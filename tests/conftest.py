@@ -1,22 +1,38 @@
-"""Shared test fixtures: the offline assets in ../shared/data and a few helpers.
+"""Shared fixtures and helpers of the test suite (test modules never import each other).
 
 The real GPT-2 tokenizer files, the HellaSwag val set and tiny shakespeare live in
 `../shared/data` (override with SHARED_DATA=/path). A test that needs one of them skips
 with the reason when it is absent; with REQUIRE_SHARED_DATA=1 (set by .ci/run) the
 skip becomes a failure, so in CI those tests always run.
+
+Tests that start subprocesses or compile are marked `slow`: `pytest -m "not slow"` gives
+quick feedback.
 """
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `import train_gpt2` etc. from any working directory
 
 SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
 REQUIRE = os.environ.get("REQUIRE_SHARED_DATA", "0") == "1"
+VOCAB = 512  # the tiny vocabulary of the training tests: their shards hold ids < VOCAB
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts subprocesses or compiles (deselect with "
+                                       "-m 'not slow')")
+
+
+# -----------------------------------------------------------------------------
+# the offline assets
 
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
@@ -41,5 +57,153 @@ def hellaswag_val_file():
 
 
 @pytest.fixture
+def hella_env(tiktoken_cache, hellaswag_val_file, monkeypatch):
+    """The tokenizer and the HellaSwag val set, for this process and its subprocesses."""
+    monkeypatch.setenv("HELLASWAG_DIR", str(hellaswag_val_file.parent))
+    return hellaswag_val_file.parent
+
+
+@pytest.fixture
 def shakespeare_file():
     return _need(SHARED_DATA / "tinyshakespeare" / "input.txt", "tiny shakespeare")
+
+
+# -----------------------------------------------------------------------------
+# tiny models and data
+
+def tiny_model(seed=0, sharpen=0.0, **kw):
+    """A tiny GPT (2 layers, 2 heads, 32 channels, vocab 64, block 32 unless kw says otherwise).
+    sharpen > 0 redraws every matrix with that std: attention far from uniform and clearly
+    different logits per token, so that a wrong mask, scale or copy shows."""
+    import train_gpt2
+    torch.manual_seed(seed)
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(**(dict(block_size=32, vocab_size=64, n_layer=2,
+                                                           n_head=2, n_embd=32) | kw)))
+    if sharpen:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, sharpen)
+    return model
+
+
+def random_tokens(shape, vocab, seed):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def make_shards(root, n_train=3, seed=0):
+    """A val shard and n_train train shards of random ids < VOCAB, as fineweb.py names them;
+    lengths 337, 374, 411: 5, 5 and 6 micro-batches of 2 x 32 tokens, not a multiple of 2."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    np.save(os.path.join(root, "edufineweb_val_000000.npy"), rng.integers(0, VOCAB, 1000, dtype=np.uint16))
+    for i in range(1, n_train + 1):
+        np.save(os.path.join(root, f"edufineweb_train_{i:06d}.npy"),
+                rng.integers(0, VOCAB, 300 + 37 * i, dtype=np.uint16))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """make_shards() once per test module."""
+    return make_shards(tmp_path_factory.mktemp("data"))
+
+
+def tiny_args(data_root, log_dir, **overrides):
+    """train_gpt2.py flags for a tiny run: 2 x 32 tokens per micro-batch, 256 per step
+    (4 accumulation steps on 1 process), 8 steps, evaluations at 0, 4, 7, checkpoints
+    at 3 and 6, before the last step (7) and after it (8)."""
+    args = dict(device="cpu", n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=VOCAB,
+                micro_batch_size=2, sequence_length=32, total_batch_size=256, max_steps=8,
+                warmup_steps=2, eval_interval=4, val_steps=3, hellaswag=0, sample=0,
+                checkpoint_interval=3, data_root=data_root, log_dir=log_dir)
+    args.update(overrides)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+# -----------------------------------------------------------------------------
+# running the scripts as a user would
+
+# A Python prelude that SIGKILLs the process at one moment of a checkpoint write, given by
+# KILL_AT: "after_save:model_00003.pt" (right after that file is complete) or
+# "before_rename:model_00006.pt" (written to its temporary name, not yet renamed). Under
+# torchrun only rank 0 saves, so rank 0 dies and torchrun takes the others down, as when a
+# node is lost.
+KILL_PRELUDE = """
+import os, signal, fineweb
+when, name = os.environ["KILL_AT"].split(":")
+real_replace = os.replace
+def replace(src, dst):
+    if when == "before_rename" and str(dst).endswith(name):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+    if when == "after_save" and str(dst).endswith(name):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+"""
+
+
+def run(args, torchrun=0, env=None, check=True, script="train_gpt2.py", prelude=None,
+        timeout=300, nnodes=None):
+    """Run a script in a subprocess: python, or torchrun with `torchrun` CPU processes. With a
+    prelude, the script's main() runs after that Python code (e.g. KILL_PRELUDE)."""
+    target = [str(REPO / script)]
+    if prelude is not None:
+        module = script[:-3]
+        code = f"import sys\nsys.path.insert(0, {str(REPO)!r})\n{prelude}\nimport {module}\nsys.exit({module}.main())"
+        wrapper = Path(os.environ.get("TMPDIR", "/tmp")) / f"prelude_{os.getpid()}_{abs(hash(code))}.py"
+        wrapper.write_text(code)
+        target = [str(wrapper)]
+    cmd = [sys.executable] + target + args
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={torchrun}"] + target + args
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    p = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def read_log(log_dir):
+    """[(step, kind, value)] from log.txt, every line in the lecture's format."""
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        return [(int(s), k, float(v)) for s, k, v in (line.split() for line in f.read().splitlines())]
+
+
+def log_text(log_dir):
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        return f.read()
+
+
+def read_config(log_dir):
+    with open(os.path.join(log_dir, "config.json")) as f:
+        return json.load(f)
+
+
+def checkpoint_names(log_dir):
+    return sorted(n for n in os.listdir(log_dir) if n.endswith(".pt"))
+
+
+def one_line_error(p, *needles, rc=None):
+    """A failed run: non-zero exit (or rc), exactly one line on stderr holding every needle,
+    and no traceback."""
+    assert p.returncode != 0 if rc is None else p.returncode == rc, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def tiny_checkpoint(path, vocab_size=50257, seed=0, block_size=64):
+    """A tiny sharp random GPT saved as the trainer saves its weights; returns (path, model)."""
+    import dataclasses
+
+    import fineweb
+    model = tiny_model(seed=seed, sharpen=0.3, block_size=block_size, vocab_size=vocab_size)
+    checkpoint = {"model": model.state_dict(), "step": 10, "val_loss": 5.0,
+                  "config": dataclasses.asdict(model.config)}
+    fineweb.write_atomic(str(path), lambda f: torch.save(checkpoint, f))
+    return str(path), model.eval()

@@ -1,16 +1,15 @@
 """Tests for bench.py: the ladder's rows on CPU (a tiny model, no torch.compile), the MFU
 arithmetic against a hand computation for GPT-2 124M, and the command line's errors."""
+import copy
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import one_line_error, random_tokens, run, tiny_model
 
 import bench
 import train_gpt2
-from conftest import REPO
 
 TINY = ["--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
         "--micro_batch_size", "2", "--sequence_length", "32", "--steps", "2", "--warmup_steps", "1"]
@@ -27,25 +26,46 @@ def run_main(argv, capsys):
 
 
 # -----------------------------------------------------------------------------
-# MFU and parameter counts: GPT-2 124M, by hand
-
-def test_num_parameters_124m():
-    assert train_gpt2.num_parameters(train_gpt2.GPTConfig(vocab_size=50257)) == 124_439_808
-    assert train_gpt2.num_parameters(train_gpt2.GPTConfig(vocab_size=50304)) == 124_475_904
-    with torch.device("meta"):  # the count from the shapes equals the real model's (no memory)
-        model = train_gpt2.GPT(train_gpt2.GPTConfig(vocab_size=50304))
-    assert sum(p.numel() for p in model.parameters()) == 124_475_904
-
+# MFU: GPT-2 124M, by hand
 
 def test_mfu_by_hand():
-    config = train_gpt2.GPTConfig(vocab_size=50304)  # 12 layers, 12 heads, 768 channels
+    with torch.device("meta"):  # GPT-2 124M as trained: 12 layers, 12 heads, 768 channels
+        model = train_gpt2.GPT(train_gpt2.GPTConfig(vocab_size=50304))
     # 6N = 6 * 124,475,904 = 746,855,424; attention 12 * n_layer * n_head * head_size * T
     # = 12 * 12 * 768 * 1024 = 113,246,208; together 860,101,632 FLOPs per token
-    assert train_gpt2.flops_per_token(config, 1024) == 860_101_632
+    assert train_gpt2.flops_per_token(model, 1024) == 860_101_632
     # 500,000 tokens/s on an H100 (989 TFLOPS): 4.30050816e14 / 9.89e14 = 0.4348
-    assert train_gpt2.mfu(500_000, config, 1024, 989) == pytest.approx(430_050_816e6 / 989e12)
-    assert train_gpt2.mfu(500_000, config, 1024, 989) == pytest.approx(0.4348, abs=1e-4)
-    assert train_gpt2.peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert train_gpt2.mfu(500_000, 860_101_632, 989) == pytest.approx(0.4348, abs=1e-4)
+
+
+def test_peak_table_by_dtype(monkeypatch):
+    names = {"cuda:0": "NVIDIA H100 80GB HBM3", "cuda:1": "Tesla V100-SXM2-16GB",
+             "cuda:2": "Tesla T4", "cuda:3": "NVIDIA L40S", "cuda:4": "NVIDIA Mystery GPU"}
+    monkeypatch.setattr(train_gpt2, "device_name", lambda device: names[device])
+    peak = train_gpt2.peak_tflops
+    assert peak("cuda:0", torch.bfloat16) == 989 and peak("cuda:0", torch.float32) == 494
+    assert peak("cuda:1", torch.bfloat16) is None and peak("cuda:1", torch.float16) == 125
+    assert peak("cuda:2", torch.float16) == 65  # the T4: float16 only
+    assert peak("cuda:3", torch.bfloat16) == 362  # the L40S, not the L4 or the L40
+    assert peak("cuda:4", torch.bfloat16) is None and peak("cpu", torch.float32) is None
+
+
+def test_explicit_attention_equals_flash_attention():
+    """Rungs 1-4 swap in the explicit masked softmax: the same function of the same weights."""
+    flash = tiny_model(seed=1, sharpen=0.3).eval()
+    explicit = copy.deepcopy(flash)
+    for block in explicit.transformer.h:
+        block.attn.__class__ = bench.ExplicitAttention
+    uniform = copy.deepcopy(explicit)  # control: scores zeroed, the mask kept
+    with torch.no_grad():
+        for block in uniform.transformer.h:
+            block.attn.c_attn.weight[:64].zero_()  # the q and k rows
+            block.attn.c_attn.bias[:64].zero_()
+    idx = random_tokens((2, 32), 64, seed=3)
+    with torch.no_grad():
+        a, b, c = flash(idx)[0], explicit(idx)[0], uniform(idx)[0]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert (a - c).abs().max().item() > 0.1  # the attention pattern matters in this test
 
 
 # -----------------------------------------------------------------------------
@@ -114,35 +134,23 @@ def test_cpu_ladder_table_with_peak(capsys):
     assert first[:2] == ["1", "fp32"] and tf32[-3:] == ["n/a", "on", "cpu"]
     ms, tokens_per_sec = float(first[2]), float(first[3].replace(",", ""))
     mfu_percent = float(first[4])
-    config = train_gpt2.GPTConfig(n_layer=1, n_head=2, n_embd=32)
+    flops = train_gpt2.flops_per_token(train_gpt2.GPT(train_gpt2.GPTConfig(n_layer=1, n_head=2, n_embd=32)), 32)
     assert tokens_per_sec == pytest.approx(64 / (ms / 1000), rel=0.01)
-    assert mfu_percent == pytest.approx(100 * train_gpt2.mfu(tokens_per_sec, config, 32, 0.001),
-                                        rel=0.01, abs=0.1)
+    assert mfu_percent == pytest.approx(100 * train_gpt2.mfu(tokens_per_sec, flops, 0.001), rel=0.01, abs=0.1)
 
 
 # -----------------------------------------------------------------------------
-# Command line: importing runs nothing; mistakes are one line, no traceback
+# Command line: mistakes are one line, no traceback
 
-def cli(*args):
-    return subprocess.run([sys.executable, "bench.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-
-
-def test_import_runs_nothing():
-    out = subprocess.run([sys.executable, "-c", "import bench"], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("args, rc, message", [
     (["--rungs", "1,8"], 2, "expected rung numbers 1-7"),
     (["--device", "cpu", "--sequence_length", "2048"], 1, "longer than block_size 1024"),
 ])
 def test_cli_errors(args, rc, message):
-    result = cli(*args)
-    assert result.returncode == rc
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    result = run(args, script="bench.py", check=False)
+    one_line_error(result, message, rc=rc)
+    assert result.stdout == ""
 
 
 @pytest.mark.parametrize("args", [["--rungs", "x"], ["--rungs", ""], ["--rungs", "0"]])
@@ -155,14 +163,22 @@ def test_bad_rungs_in_process(args, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--steps", "0"], "--steps must be at least 1"),
     (["--n_embd", "30", "--n_head", "4"], "--n_embd 30 is not a multiple of --n_head 4"),
-    (["--warmup_steps", "-1"], "--warmup_steps must be at least 0"),
     (["--device", "tpu"], "--device must be cuda, mps or cpu, not tpu"),
-    pytest.param(["--device", "cuda"], "CUDA is not available",
+    pytest.param(["--device", "cuda"], "no usable CUDA",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
 ])
 def test_user_errors_in_process(args, message, capsys):
     rc, out, err = run_main(["--device", "cpu"] + args, capsys)
     assert rc == 1 and out == ""
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "argument --steps: must be at least 1, not 0"),
+    (["--warmup_steps", "-1"], "argument --warmup_steps: must be at least 0, not -1"),
+])
+def test_ranges_in_process(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--device", "cpu"] + args)
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -71,7 +71,7 @@ def assert_same(got, want):
 def test_loader_one_process_equals_reference(tmp_path):
     paths = write_shards(tmp_path)
     ldr = loader(tmp_path)
-    assert ldr.paths == [str(p) for p in paths]  # train shards only, sorted
+    assert ldr.shards == [str(p) for p in paths]  # train shards only, sorted
     got = batches(ldr, 2 * EPOCH + 7)  # two wrap-arounds
     for x, y in got:
         assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
@@ -86,8 +86,8 @@ def test_loader_one_process_equals_reference(tmp_path):
 def test_loader_shards_are_memory_mapped(tmp_path):
     write_shards(tmp_path)
     ldr = loader(tmp_path)
-    assert len(ldr.shards) == len(SHARD_LENGTHS)
-    assert all(isinstance(s, np.memmap) for s in ldr.shards)
+    assert len(ldr.tokens) == len(SHARD_LENGTHS)
+    assert all(isinstance(s, np.memmap) for s in ldr.tokens)
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
@@ -121,8 +121,6 @@ def test_loader_shuffle(tmp_path):
     assert_same(batches(loader(tmp_path, shuffle=True, seed=1), 3 * EPOCH), shuffled)  # same seed
     other = batches(loader(tmp_path, shuffle=True, seed=2), EPOCH)
     assert [key(b) for b in other] != orders[0]
-    # default: in order, as the reference
-    assert not loader(tmp_path).shuffle
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -166,7 +164,7 @@ def test_loader_reset_restarts_the_stream(tmp_path):
 def test_loader_reads_only_its_split(tmp_path):
     write_shards(tmp_path)
     val = loader(tmp_path, split="val")
-    assert [p.rsplit("/", 1)[-1] for p in val.paths] == ["edufineweb_val_000000.npy"]
+    assert [p.rsplit("/", 1)[-1] for p in val.shards] == ["edufineweb_val_000000.npy"]
     x, _ = val.next_batch()
     assert x.flatten().tolist() == np.load(tmp_path / "edufineweb_val_000000.npy")[:B * T].tolist()
 
@@ -191,3 +189,36 @@ def test_loader_missing_data(tmp_path):
     with pytest.raises(UserError, match="fineweb.py") as info:
         loader(root, split="val")
     assert "val" in str(info.value)
+
+
+def test_folder_names_are_literal(tmp_path):
+    """A data folder named like a glob pattern is read as it is named (no glob anywhere)."""
+    root = tmp_path / "runs" / "lr[3e-4]*"
+    paths = write_shards(root)
+    ldr = loader(root)
+    assert ldr.shards == [str(p) for p in paths]
+    assert_same(batches(ldr, 7), batches(ReferenceLoader(B, T, 0, 1, paths), 7))
+
+
+def test_only_a_val_shard_names_the_shard_size(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    np.save(root / "edufineweb_val_000000.npy", np.zeros(100, dtype=np.uint16))
+    with pytest.raises(UserError, match="smaller --shard_size"):
+        loader(root)
+
+
+def test_pickled_shard_is_refused_not_unpickled(tmp_path):
+    write_shards(tmp_path)
+    np.save(tmp_path / "edufineweb_train_000002.npy", np.array([{"a": 1}], dtype=object),
+            allow_pickle=True)
+    with pytest.raises(UserError, match="edufineweb_train_000002.npy is not a token shard") as e:
+        loader(tmp_path)
+    assert "allow_pickle" not in str(e.value)  # no advice to unpickle
+
+
+def test_saved_position_past_the_data_is_an_error(tmp_path):
+    write_shards(tmp_path)
+    ldr = loader(tmp_path)
+    with pytest.raises(UserError, match="past the 5 shards"):
+        ldr.set_state(dict(epoch=0, shard=7, batch=0))

@@ -1,33 +1,25 @@
 """Tests for hellaswag.py: data, rendering, scoring (against a naive second implementation),
 batching and torch.compile, and the standalone script's errors. CPU, offline."""
+import itertools
 import json
 import os
 import subprocess
 import sys
 from collections import Counter
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, one_line_error, run
+from conftest import tiny_model as conftest_tiny_model
 
 import hellaswag
 import train_gpt2
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def tiny_model(seed=0, vocab_size=50257):
-    """A small random GPT, made sharp enough (larger weights than GPT-2's init) that the
-    four endings get clearly different losses."""
-    torch.manual_seed(seed)
-    model = train_gpt2.GPT(train_gpt2.GPTConfig(n_layer=2, n_head=2, n_embd=32,
-                                                vocab_size=vocab_size, block_size=256))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.5)
-    return model.eval()
+    """A small random GPT, sharp enough that the four endings get clearly different losses."""
+    return conftest_tiny_model(seed, sharpen=0.5, vocab_size=vocab_size, block_size=256).eval()
 
 
 def fold(rendered, vocab_size):
@@ -50,7 +42,6 @@ def one_thread():
 @lru_cache(maxsize=None)
 def val_rendered(n):
     """The first n val examples, rendered (needs the tiktoken_cache and HELLASWAG_DIR set)."""
-    import itertools
     enc = train_gpt2.gpt2_tokenizer()
     return [hellaswag.render_example(e, enc)
             for e in itertools.islice(hellaswag.iterate_examples("val"), n)]
@@ -70,6 +61,7 @@ def all_preds(model, rendered, **kw):
 # -----------------------------------------------------------------------------
 # import, data
 
+@pytest.mark.slow
 def test_import_is_cheap():
     # SPEC defect 8: importing must not build the tokenizer or import transformers
     code = ("import sys, hellaswag; print(sorted(m for m in ('tiktoken', 'transformers', "
@@ -178,10 +170,16 @@ def test_render_val_examples(tiktoken_cache, val_dir):
             end = enc.encode(" " + ending)
             assert mask[i].sum() == len(end)
             assert tokens[i][mask[i].bool()].tolist() == end
-    # longest val example: 166 tokens (checked over all 10,042), so 192 after rounding
-    longest = [(torch.zeros(4, 166), None, 0), (torch.zeros(4, 7), None, 1)]
-    assert hellaswag.pad_length(longest) == 192
-    assert hellaswag.pad_length([(torch.zeros(4, 64), None, 0)]) == 64
+
+
+@pytest.mark.slow
+def test_all_val_examples_pad_to_192(tiktoken_cache, val_dir):
+    """The one shape of every HellaSwag batch in training: the longest of the 10,042 val
+    examples is 166 tokens, rounded up to a multiple of 32."""
+    rendered = val_rendered(10042)
+    assert len(rendered) == 10042
+    assert max(tokens.size(1) for tokens, _, _ in rendered) == 166
+    assert hellaswag.pad_length(rendered) == 192
 
 
 # -----------------------------------------------------------------------------
@@ -266,12 +264,33 @@ def test_batched_equals_unbatched(tiktoken_cache, val_dir):
     assert hellaswag.evaluate(model, rendered, "cpu", batch_size=16) == expected
 
 
+def test_padding_passes_and_stopping(tiktoken_cache, val_dir, capsys):
+    """Extra passes of padding change no count (every rank of a run makes as many passes);
+    should_stop, asked after every pass, ends the evaluation there with None; the progress
+    bar counts examples."""
+    model = tiny_model(seed=1, vocab_size=1024)
+    rendered = fold(val_rendered(20), 1024)
+    passes = []
+    plain = hellaswag.evaluate(model, rendered, "cpu", batch_size=8)
+    padded = hellaswag.evaluate(model, rendered, "cpu", batch_size=8, num_batches=5,
+                                should_stop=lambda: passes.append(1) or False)
+    assert padded == plain and len(passes) == 5  # 3 real passes and 2 of padding only
+    assert hellaswag.evaluate(model, [], "cpu", batch_size=8, seq_len=64, num_batches=2) == (0, 0, 0)
+    passes.clear()
+    stopped = hellaswag.evaluate(model, rendered, "cpu", batch_size=8, progress=True,
+                                 should_stop=lambda: passes.append(1) or len(passes) == 2)
+    assert stopped is None and len(passes) == 2
+    err = capsys.readouterr().err
+    assert "hellaswag" in err and "8/20" in err and "16/20" in err and "20/20" not in err
+
+
 def test_sequence_longer_than_block_size_is_an_error(tiktoken_cache, val_dir):
     model = tiny_model()
     with pytest.raises(hellaswag.HellaSwagError, match="block_size"):
         list(hellaswag.predict(model, val_rendered(20), "cpu", seq_len=288))
 
 
+@pytest.mark.slow
 def test_compiled_model_compiles_once(tiktoken_cache, val_dir):
     from torch._dynamo.testing import CompileCounterWithBackend
     torch._dynamo.reset()
@@ -323,12 +342,9 @@ def test_main_prints_acc(tiktoken_cache, val_dir, monkeypatch, capsys):
     assert out[-2:] == [f"acc: {c}/10 = {c / 10:.4f}", f"acc_norm: {cn}/10 = {cn / 10:.4f}"]
 
 
+@pytest.mark.slow
 def test_main_foreign_checkpoint_is_one_line_error(tiktoken_cache, val_dir, tmp_path):
     path = tmp_path / "not_ours.pt"
     torch.save({"foo": 1}, path)
-    res = subprocess.run([sys.executable, "hellaswag.py", "--checkpoint", str(path), "-d", "cpu",
-                          "--limit", "4"], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "HELLASWAG_DIR": str(val_dir)})
-    assert res.returncode == 1, res.stderr
-    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
-    assert "Traceback" not in res.stderr
+    one_line_error(run(["--checkpoint", str(path), "-d", "cpu", "--limit", "4"],
+                       script="hellaswag.py", check=False), "not a checkpoint", rc=1)

@@ -1,0 +1,61 @@
+"""export_hf.py: the exported folder loads in transformers with our logits and tokenizer, and
+round-trips through our from_pretrained; its errors."""
+import pytest
+import torch
+from conftest import one_line_error, run, tiny_checkpoint
+
+import export_hf
+import train_gpt2
+
+PROMPT = "Hello, I'm a language model,"
+
+@pytest.mark.parametrize("vocab_size", [50304, 50257])
+def test_export_loads_in_transformers_with_our_logits(tmp_path, tiktoken_cache, vocab_size, capsys):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    ckpt, model = tiny_checkpoint(tmp_path / "model.pt", vocab_size=vocab_size)
+    out = tmp_path / "hf"
+    assert export_hf.main(["--checkpoint", ckpt, "--out", str(out)]) == 0
+    assert "wrote the GPT-2 tokenizer" in capsys.readouterr().out
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    c = hf.config
+    assert (c.vocab_size, c.n_positions, c.n_embd, c.n_layer, c.n_head) == (50257, 64, 32, 2, 2)
+    assert c.activation_function == "gelu_new"
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(idx)[0][..., :50257]
+        theirs = hf(idx).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    # the tokenizer folder: transformers encodes as tiktoken does
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.encode(PROMPT) == train_gpt2.gpt2_tokenizer().encode(PROMPT)
+    # and our own loader takes the folder back: the real-vocabulary weights round-trip
+    back = train_gpt2.GPT.from_pretrained(str(out)).state_dict()
+    for k, v in model.state_dict().items():
+        if k in ("transformer.wte.weight", "lm_head.weight"):
+            v = v[:50257]  # the padding rows are gone
+        assert torch.equal(back[k], v), k
+
+
+def test_export_without_tokenizer_files(tmp_path, monkeypatch, capsys):
+    ckpt, _ = tiny_checkpoint(tmp_path / "model.pt")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    def offline():
+        raise train_gpt2.UserError("offline")
+    monkeypatch.setattr(train_gpt2, "gpt2_tokenizer", offline)  # no download attempt
+    assert export_hf.main(["--checkpoint", ckpt, "--out", str(tmp_path / "hf")]) == 0
+    assert "tokenizer files not written" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "config.json").exists()
+    assert not (tmp_path / "hf" / "vocab.json").exists()
+
+
+def test_export_errors(tmp_path, capsys):
+    not_ours = tmp_path / "notes.pt"
+    not_ours.write_text("not a checkpoint")
+    one_line_error(run(["--checkpoint", str(not_ours), "--out", str(tmp_path / "hf")],
+                       script="export_hf.py", check=False), "not a readable checkpoint", rc=1)
+    assert not (tmp_path / "hf").exists()
+    assert export_hf.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", "x"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    ckpt, _ = tiny_checkpoint(tmp_path / "model.pt")
+    assert export_hf.main(["--checkpoint", ckpt, "--out", str(not_ours)]) == 1
+    assert "not a folder" in capsys.readouterr().err

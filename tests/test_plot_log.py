@@ -1,0 +1,78 @@
+"""plot_log.py: parsing the trainer's log (also a log being written), smoothing chosen from the
+run's length, the PNG, and its errors."""
+import os
+
+import pytest
+from conftest import one_line_error, run
+
+import plot_log
+
+LOG = ("0 val 10.9876\n0 hella 0.2500\n0 train 10.950000\n1 train 9.500000\n"
+       "garbage line\n2 train 7.250000\n3 train 4.125000\n3 val 4.5000\n3 hella 0.2600\n"
+       "4 train 3.900000\n5 train 4.000000\n5 val 4.2500\n5 hella 0.2550\n"
+       "6 train 1.5")  # the trainer is writing "6 train 1.5xxxxx": not a value yet
+
+
+def write_log(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+def test_parse_log_skips_garbage_old_header_and_partial_line(tmp_path):
+    old_header = '{"n_layer": 12, "max_steps": 19073}\n'  # the first line of older logs
+    data = plot_log.parse_log(write_log(tmp_path / "run" / "log.txt", old_header + LOG))
+    assert data["train"] == ([0, 1, 2, 3, 4, 5], [10.95, 9.5, 7.25, 4.125, 3.9, 4.0])
+    assert data["val"] == ([0, 3, 5], [10.9876, 4.5, 4.25])
+    assert data["hella"] == ([0, 3, 5], [0.25, 0.26, 0.255])
+
+
+def test_ema_is_bias_corrected():
+    assert plot_log.ema([5.0, 5.0, 5.0], 0.99) == pytest.approx([5.0, 5.0, 5.0])
+    assert plot_log.ema([1.0, 3.0], 0.5) == pytest.approx([1.0, (0.25 + 0.75 * 2) / 0.75])
+
+
+def test_smoothing_follows_the_run_length():
+    """A short run's smoothed curve ends near its real loss; the full run keeps 0.99."""
+    losses = [10.9 - 1.5 * i / 49 for i in range(50)]  # 50 steps, 10.9 -> 9.4
+    smoothed = plot_log.ema(losses, plot_log.auto_smoothing(50)) if plot_log.auto_smoothing(50) else losses
+    assert smoothed[-1] == pytest.approx(9.4, abs=0.05)
+    assert plot_log.ema(losses, 0.99)[-1] > 10.0  # the old fixed default: far above the loss
+    long = plot_log.auto_smoothing(2000)
+    assert 0.9 < long < 0.99 and plot_log.auto_smoothing(19073) == 0.99
+    slope = [10 - i / 1000 for i in range(2000)]  # a window of 2% of the run lags by ~1%
+    assert plot_log.ema(slope, long)[-1] - slope[-1] < 0.05
+
+
+def test_plot_one_log(tmp_path, capsys):
+    log = write_log(tmp_path / "run" / "log.txt", LOG)
+    assert plot_log.main([log]) == 0
+    png = tmp_path / "run" / "log.png"  # next to the log by default
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert ("run: min train loss 3.9000 (step 4), min val loss 4.2500 (step 5), "
+            "max HellaSwag 0.2600 (step 3)") in out
+
+
+def test_plot_two_logs(tmp_path, capsys):
+    a = write_log(tmp_path / "run_a" / "log.txt", LOG)
+    b = write_log(tmp_path / "run_b" / "log.txt", "0 train 11.0\n1 train 8.0\n1 val 8.5\n")
+    png = tmp_path / "plots" / "compare.png"
+    assert plot_log.main([a, b, "--out", str(png), "--smooth", "0.5"]) == 0
+    assert png.stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "run_a: min train loss 3.9000 (step 4)" in out
+    assert ("run_b: min train loss 8.0000 (step 1), min val loss 8.5000 (step 1), "
+            "max HellaSwag -") in out
+
+
+def test_plot_errors(tmp_path, capsys):
+    assert plot_log.main([str(tmp_path / "nope" / "log.txt")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    empty = write_log(tmp_path / "empty" / "log.txt", "0 train 10.9")  # a partial line only
+    r = run([empty], script="plot_log.py", check=False)  # as a script: one line, no traceback
+    one_line_error(r, "no data lines", rc=1)
+    assert not (tmp_path / "empty" / "log.png").exists()
+    one_line_error(run([empty, "--smooth", "1.5"], script="plot_log.py", check=False),
+                   "--smooth", rc=2)
