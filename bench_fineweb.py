@@ -1,13 +1,13 @@
 """Tokens/s of fineweb.py against a plain per-document Pool.imap baseline, on the same corpus.
 
-Not a test (pytest does not collect it): a standalone script. The corpus is tiny shakespeare cut
-into documents of about --doc_chars characters (FineWeb-Edu's documents average ~4.5k characters,
-~1k tokens), replicated --copies times, written as jsonl. Both sides read it through the same
-datasets cache, tokenize with the same --num_proc pool and write shards of the same size; the
-shards must come out byte-identical.
+A standalone script, not a test. The corpus is tiny shakespeare (in $SHARED_DATA, by default
+../shared/data, as for the tests) cut into documents of about --doc_chars characters (FineWeb-Edu's
+documents average ~4.5k characters, ~1k tokens), replicated --copies times, written as jsonl.
+Both sides read it through the same datasets cache, tokenize with the same --num_proc pool and
+write shards of the same size; the shards must come out byte-identical.
 
-    python tests/bench_fineweb.py                              # ~20M tokens, 4.5k-char documents
-    python tests/bench_fineweb.py --doc_chars 300 --copies 5   # many short documents
+    python bench_fineweb.py                              # ~20M tokens, 4.5k-char documents
+    python bench_fineweb.py --doc_chars 300 --copies 5   # many short documents
 """
 import argparse
 import json
@@ -15,7 +15,6 @@ import os
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from multiprocessing import Pool
@@ -23,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-import fineweb  # noqa: E402
+import fineweb
+
+REPO = Path(__file__).resolve().parent
+SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
 
 # -----------------------------------------------------------------------------
 # the baseline: the reference's loop, one document per imap item (chunksize 16)
@@ -73,7 +73,7 @@ def cpu_seconds():
 
 
 def make_corpus(path, doc_chars, copies):
-    text = (REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text()
+    text = (SHARED_DATA / "tinyshakespeare" / "input.txt").read_text()
     docs, cur = [], []
     for para in text.split("\n\n"):
         cur.append(para)
@@ -87,15 +87,24 @@ def make_corpus(path, doc_chars, copies):
     return len(docs) * copies
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--doc_chars", type=int, default=4500)
-    p.add_argument("--copies", type=int, default=60)
-    p.add_argument("--num_proc", type=int, nargs="+", default=[max(1, (os.cpu_count() or 2) // 2)])
-    p.add_argument("--shard_size", type=int, default=10**6)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(REPO.parent / "shared" / "data" / "tiktoken_cache"))
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="environment variables:\n  SHARED_DATA  the folder of "
+                                       "tinyshakespeare/ and tiktoken_cache/ (TIKTOKEN_CACHE_DIR "
+                                       "overrides the latter)")
+    p.add_argument("--doc_chars", type=int, default=4500,
+                   help="characters per document, about (default: %(default)s)")
+    p.add_argument("--copies", type=int, default=60,
+                   help="times the corpus holds tiny shakespeare (default: %(default)s)")
+    p.add_argument("--num_proc", type=int, nargs="+", default=[max(1, (os.cpu_count() or 2) // 2)],
+                   help="pool sizes to measure, each for both sides (default: %(default)s)")
+    p.add_argument("--shard_size", type=int, default=10**6, help="tokens per shard (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each side, interleaved; the median is reported (default: %(default)s)")
+    args = p.parse_args(argv)
+    if min(args.doc_chars, args.copies, args.shard_size, args.repeats, *args.num_proc) < 1:
+        p.error("every number must be >= 1")
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
     tmp = tempfile.mkdtemp(prefix="bench_fineweb_")
     try:
         run(args, tmp)

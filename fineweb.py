@@ -12,15 +12,19 @@ next to this script, whatever the working directory.
     python fineweb.py --data_files my/*.parquet --max_tokens 2000000   # offline, from local files
 
 --data_files takes parquet or jsonl/json files with a "text" column, or txt files (one document
-per file); all of them are read through Hugging Face datasets, like the hub.
+per file); all of them are read through Hugging Face datasets, like the hub. A row whose text is
+null, missing or not a string is skipped (no tokens, no <|endoftext|>) and counted in the summary.
 
 Interrupted or killed? Run the same command again. Every shard is written to a temporary file and
 renamed, and <local_dir>/manifest.json records where in the corpus each finished shard ended, so
 the rerun continues after the last complete shard and writes the same bytes as one clean run.
+Ctrl-C or SIGTERM (kill, a batch scheduler, a process-group or cgroup-wide stop) stops the workers,
+prints one line and exits with status 1, like every other error; a second SIGTERM kills at once.
 A folder that holds shards of another run (other source, --shard_size or --max_tokens) is refused;
 --overwrite deletes its shards and manifest and starts over.
 """
 import argparse
+import contextlib
 import glob
 import itertools
 import json
@@ -42,6 +46,8 @@ SHARD_SIZE = 10**8  # tokens per shard
 EOT = 50256  # GPT-2's <|endoftext|>, in front of (not after) every document
 DOCS_PER_TASK = 256  # documents per pool task: ~1 MB of FineWeb-Edu text, so task overhead vanishes
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+# the oldest versions with Encoding.encode_to_numpy and Dataset.skip (checked in their wheels)
+TIKTOKEN_MIN, DATASETS_MIN = "0.9.0", "2.19.0"
 
 
 def shard_filename(split, index):
@@ -71,11 +77,37 @@ class TokenRangeError(ValueError):
     pass
 
 
+def gpt2_spec():
+    """The arguments of tiktoken.Encoding for GPT-2, from which every worker thread builds its own.
+
+    tiktoken has no public getter for them: this is its documented plugin interface (a
+    tiktoken_ext module's ENCODING_CONSTRUCTORS), which get_encoding("gpt2") itself calls."""
+    try:
+        import tiktoken
+        from tiktoken_ext.openai_public import ENCODING_CONSTRUCTORS
+        constructor = ENCODING_CONSTRUCTORS["gpt2"]
+        if not hasattr(tiktoken.Encoding, "encode_to_numpy"):
+            raise ImportError("Encoding.encode_to_numpy is new in tiktoken 0.9.0")
+    except (ImportError, KeyError):
+        fail(f"needs tiktoken >= {TIKTOKEN_MIN} (with tiktoken_ext.openai_public and "
+             "Encoding.encode_to_numpy); pip install -U tiktoken")
+    try:  # here, once: a worker whose initializer fails is respawned by the pool, forever
+        return constructor()
+    except Exception as e:
+        fail(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); no network? "
+             "point TIKTOKEN_CACHE_DIR at a folder with its files")
+
+
 def init_worker(spec, num_threads):
     global _spec, _threads, _num_threads
     from concurrent.futures import ThreadPoolExecutor
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    # Ctrl-C and SIGTERM are the main process's to handle. A SIGTERM for the whole process group or
+    # cgroup (systemd, Slurm) reaches the workers too: one that died of it could hold a lock of the
+    # pool's queues, and pool.terminate() would wait for that lock forever. So they ignore it, and
+    # the pool's terminate() kills them with SIGKILL instead (KillingPool in write_shards).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _spec, _num_threads = spec, num_threads
     _threads = ThreadPoolExecutor(num_threads, initializer=_init_thread)
 
@@ -89,19 +121,24 @@ def _encode(texts):
     # one thread's share of a task: its documents as one flat uint16 array, and their lengths
     enc, parts, lengths = _local.enc, [], []
     for text in texts:
+        if not isinstance(text, str):  # null, missing or not text: web corpora have a few such rows
+            lengths.append(0)  # no tokens, no EOT; still a document of the corpus, for resume
+            continue
         # = encode_ordinary ("<|endoftext|>" in the text is just text), but straight into a numpy
         # array: no list of Python ints to build and convert (~20% less CPU per token, measured)
         tokens = enc.encode_to_numpy(text, disallowed_special=())
         parts += [_EOT, tokens]
         lengths.append(len(tokens) + 1)
-    flat = np.concatenate(parts)  # uint32, as tiktoken returns them
-    if flat.max() >= 2**16:  # GPT-2's 50,257 ids fit; another encoding might not
+    flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint32)  # uint32, as tiktoken's
+    if len(flat) and flat.max() >= 2**16:  # GPT-2's 50,257 ids fit; another encoding might not
         raise TokenRangeError(f"token id {flat.max()} does not fit in uint16")
     return flat.astype(np.uint16), lengths
 
 
 def tokenize_batch(texts):
-    """Documents -> (uint16 array of [EOT] + tokens of each, in order; int64 length of each)."""
+    """Documents -> (uint16 array of [EOT] + tokens of each, in order; int64 length of each).
+
+    A skipped row (text not a string) has length 0."""
     step = -(-len(texts) // _num_threads)  # contiguous slices keep the documents in order
     parts = list(_threads.map(_encode, [texts[i:i + step] for i in range(0, len(texts), step)]))
     lengths = np.array([n for _, lengths in parts for n in lengths], dtype=np.int64)
@@ -113,10 +150,12 @@ def tokenize_batch(texts):
 
 
 def find_data_files(patterns):
-    """Expands the globs (sorted, so the document order is fixed); checks each file's columns."""
+    """The files, in a fixed order: an existing path as it is (even with [ or * in its name), else
+    the matches of the glob, sorted. Checks their columns early."""
     files = []
     for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        path = os.path.expanduser(pattern)
+        matches = [path] if os.path.exists(path) else sorted(glob.glob(path, recursive=True))
         if not matches:
             fail(f"--data_files {pattern} matches no file")
         files += [m for m in map(os.path.abspath, matches) if m not in files]
@@ -130,23 +169,39 @@ def find_data_files(patterns):
             import pyarrow.parquet as pq
             columns = pq.read_schema(f).names
         elif f.endswith(".jsonl"):
-            with open(f, encoding="utf-8") as fh:
-                line = fh.readline()
-            columns = list(json.loads(line)) if line.strip() else None
+            columns = jsonl_columns(f)
         if columns is not None and "text" not in columns:
             fail(f"{f} has no 'text' column (it has: {', '.join(columns)})")
     return files, builders.pop()
+
+
+def jsonl_columns(path, rows=100):
+    """The keys of the first rows (one of them may lack "text": it is skipped); None if they are not
+    all JSON objects, for datasets to report."""
+    columns = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in itertools.islice(f, rows):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                return None
+            if not isinstance(row, dict):
+                return None
+            columns.update(dict.fromkeys(row))
+    return list(columns) or None
 
 
 def load_corpus(files, builder, streaming):
     """The corpus as a datasets Dataset (an IterableDataset when streaming), in document order."""
     import datasets
 
+    if not hasattr(datasets.Dataset, "skip"):
+        fail(f"needs datasets >= {DATASETS_MIN} (for Dataset.skip); pip install -U datasets")
     if files:
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        try:
-            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming,
-                                       **kwargs)
+        try:  # datasets reads data_files as globs: escape the [ * ? of the names we already found
+            ds = datasets.load_dataset(builder, data_files=[glob.escape(f) for f in files],
+                                       split="train", streaming=streaming, **kwargs)
         except Exception as e:  # a malformed file: say what datasets said, without the traceback
             fail(f"cannot read --data_files ({type(e).__name__}: {e})".splitlines()[0])
     else:
@@ -177,12 +232,21 @@ def text_batches(ds, skip_docs):
 
 
 def write_atomic(path, write):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())  # the bytes are on disk before the name says the file is complete
-    os.replace(tmp, path)  # atomic on POSIX and Windows: the old file or the new one, never half
+    """Write to path + '.tmp', flush, fsync, rename: a crash leaves the old file or the new one,
+    never half of one; on error the temporary file is removed."""
+    tmp = os.fspath(path) + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name says the file is complete
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except BaseException as e:  # disk full, Ctrl-C, ...: no half-written file is left behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            e.filename = os.fspath(path)  # a failed write() or fsync() does not say which file
+        raise
 
 
 def write_shard(path, tokens):
@@ -191,6 +255,22 @@ def write_shard(path, tokens):
 
 def save_manifest(path, manifest):
     write_atomic(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+
+def make_folder(local_dir):
+    """--local_dir as an absolute path (taken literally: no globbing), created, checked writable."""
+    import tempfile
+
+    out = os.path.abspath(local_dir)
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--local_dir {out} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # permissions, a read-only disk: say so now, not later
+            pass
+    except OSError as e:
+        fail(f"cannot write to --local_dir {out} ({e.strerror or e})")
+    return out
 
 
 def check_folder(out, identity, overwrite):
@@ -226,111 +306,182 @@ def check_folder(out, identity, overwrite):
 # The pipeline: documents -> one token stream -> shards of shard_size
 
 
-def write_shards(batches, out, manifest, shard_size, max_tokens, num_proc):
+def write_shards(batches, out, manifest, spec, shard_size, max_tokens, num_proc):
     """Tokenizes the batches in a process pool and cuts the stream into shards; returns the tokens."""
-    from multiprocessing import Pool
+    from multiprocessing.pool import Pool
 
-    from tiktoken_ext.openai_public import gpt2  # what tiktoken.get_encoding("gpt2") is made from
     from tqdm import tqdm
 
-    try:  # here, once: a worker whose initializer fails is respawned by the pool, forever
-        spec = gpt2()
-    except Exception as e:
-        fail(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); no network? "
-             "point TIKTOKEN_CACHE_DIR at a folder with its files")
+    class KillingPool(Pool):  # terminate() kills the workers with SIGKILL: they ignore SIGTERM
+        @staticmethod
+        def Process(ctx, *args, **kwds):
+            process = ctx.Process(*args, **kwds)
+            process.terminate = process.kill
+            return process
+
     S, shards = shard_size, manifest["shards"]
     save_manifest(os.path.join(out, "manifest.json"), manifest)  # before shard 0: never an orphan shard
     index, total = len(shards), sum(s["tokens"] for s in shards)
     doc, offset = (shards[-1]["next_doc"], shards[-1]["next_offset"]) if shards else (0, 0)
-    stop = (doc, offset)  # where the stream has got to: (document index, token inside it)
+    skipped = manifest.get("skipped_docs", 0) if shards else 0  # rows without text before `doc`
+    stop = (doc, offset, skipped)  # where the stream has got to: document, token in it, rows skipped
     limit = max_tokens or float("inf")
     buf, fill = np.empty(S, dtype=np.uint16), 0  # the only big allocation: memory stays flat
     bar = tqdm(total=max_tokens, initial=total, unit="tokens", unit_scale=True,
+               desc=f"tokenizing {shard_filename(split_of(index), index)}",
                bar_format=None if max_tokens else "{desc}: {n_fmt}tokens [{elapsed}, {rate_fmt}]")
-    bar.set_description(shard_filename(split_of(index), index))
 
     def finish_shard(n, last):
         nonlocal index
         name = shard_filename(split_of(index), index)
         write_shard(os.path.join(out, name), buf[:n])
         shards.append({"file": name, "tokens": n, "next_doc": stop[0], "next_offset": stop[1]})
-        manifest["done"] = last
+        manifest.update(done=last, skipped_docs=stop[2])
         save_manifest(os.path.join(out, "manifest.json"), manifest)  # after the shard, never ahead
         index += 1
         if not last:
-            bar.set_description(shard_filename(split_of(index), index))
+            bar.set_description(f"tokenizing {shard_filename(split_of(index), index)}")
 
     threads = max(1, min(8, (os.cpu_count() or 1) // num_proc))  # the cores the pool leaves over
-    with bar, Pool(num_proc, initializer=init_worker, initargs=(spec, threads)) as pool:
+    with bar, KillingPool(num_proc, initializer=init_worker, initargs=(spec, threads)) as pool:
         # imap keeps document order; the pipe to the workers holds only a few tasks at a time
         for tokens, lengths in pool.imap(tokenize_batch, batches):
             ends = np.cumsum(lengths)  # where each document ends inside `tokens`
+            gaps = np.cumsum(lengths == 0)  # skipped rows (length 0) up to each document
             pos, offset = offset, 0  # only the first document after a resume starts part-way
             while pos < len(tokens) and total < limit:
                 take = int(min(S - fill, len(tokens) - pos, limit - total))
                 buf[fill:fill + take] = tokens[pos:pos + take]
                 fill, pos, total = fill + take, pos + take, total + take
                 bar.update(take)
-                d = int(np.searchsorted(ends, pos, side="right"))  # documents of this batch now done
-                stop = (doc + d, pos - (int(ends[d - 1]) if d else 0))
+                # documents of this batch now done, with the skipped rows right after them
+                d = int(np.searchsorted(ends, pos, side="right"))
+                stop = (doc + d, pos - (int(ends[d - 1]) if d else 0),
+                        skipped + (int(gaps[d - 1]) if d else 0))
                 if fill == S:
                     finish_shard(S, last=False)
                     fill = 0
-            doc += len(lengths)
+            if pos == len(tokens):  # all of the batch is in (also one of skipped rows only)
+                stop = (doc + len(lengths), 0, skipped + int(gaps[-1]))
+            doc, skipped = doc + len(lengths), skipped + int(gaps[-1])
             if total >= limit:
                 break
         if fill:
             finish_shard(fill, last=True)  # the last shard is partial
     if not manifest["done"]:  # the stream ended on a shard boundary
-        manifest["done"] = True
+        manifest.update(done=True, skipped_docs=stop[2])
         save_manifest(os.path.join(out, "manifest.json"), manifest)
     return total
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--local_dir", default=LOCAL_DIR, help="output folder (default: %(default)s)")
-    p.add_argument("--shard_size", type=int, default=SHARD_SIZE, help="tokens per shard")
-    p.add_argument("--num_proc", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                   help="tokenizer processes (default: half the cores, as in the reference)")
-    p.add_argument("--data_files", nargs="+", help="local parquet/jsonl/json/txt files or globs")
-    p.add_argument("--max_tokens", type=int, help="stop after this many tokens (the hub is streamed)")
-    p.add_argument("--overwrite", action="store_true", help="delete this folder's shards, start over")
-    args = p.parse_args(argv)
-    if min(args.shard_size, args.num_proc, args.max_tokens or 1) < 1:
-        p.error("--shard_size, --num_proc and --max_tokens must be positive")
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Inside, SIGTERM raises KeyboardInterrupt: kill, timeout or a batch scheduler stop the run
+    as Ctrl-C does (the pool is terminated, the finished shards kept); a second SIGTERM kills."""
+    if threading.current_thread() is not threading.main_thread():  # only it can handle signals
+        yield
+        return
+    pid = os.getpid()
 
+    def on_sigterm(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)
+        if os.getpid() != pid:  # a pool worker, forked before init_worker replaced this handler
+            os.kill(os.getpid(), signum)  # dies quietly
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+ENVIRONMENT = """\
+environment variables:
+  TIKTOKEN_CACHE_DIR  folder of the GPT-2 tokenizer files (vocab.bpe, encoder.json); tiktoken
+                      downloads them there if missing (default: <tmp>/data-gym-cache)
+  HF_DATASETS_CACHE   the datasets cache: the downloaded corpus, and --data_files converted to
+                      Arrow (default: $HF_HOME/datasets)
+  HF_HOME             root of the Hugging Face caches (default: ~/.cache/huggingface)
+  HF_HUB_OFFLINE      1: never contact the hub (--data_files, or a corpus already in the cache)
+"""
+
+
+def parse_args(argv):
+    from train_gpt2 import OneLineParser, str2bool  # the project's one-line errors and 0|1 flags
+    p = OneLineParser(prog="fineweb.py", description=__doc__, epilog=ENVIRONMENT,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--local_dir", default=LOCAL_DIR,
+                   help="output folder of the shards and manifest.json (default: %(default)s)")
+    p.add_argument("--shard_size", type=int, default=SHARD_SIZE,
+                   help="tokens per shard (default: %(default)s)")
+    p.add_argument("--num_proc", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                   help="tokenizer processes (default: %(default)s: half the cores, as in the reference)")
+    p.add_argument("--data_files", nargs="+",
+                   help="local parquet/jsonl/json/txt files or globs, read instead of the hub; an "
+                        "existing name is taken literally (default: none: FineWeb-Edu from the hub)")
+    p.add_argument("--max_tokens", type=int,
+                   help="stop after this many tokens; the hub is then streamed, not downloaded "
+                        "(default: none: the whole corpus)")
+    p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False, metavar="0|1",
+                   help="1 (or the bare flag): delete this folder's shards and manifest, start over "
+                        "(default: 0)")
+    args = p.parse_args(argv)
+    # the ranges, in one place, before anything is read or written (argparse checks only types)
+    for flag, value in (("--shard_size", args.shard_size), ("--num_proc", args.num_proc),
+                        ("--max_tokens", args.max_tokens)):
+        if value is not None and value < 1:
+            fail(f"{flag} must be >= 1{' or omitted' * (flag == '--max_tokens')}, not {value}")
+    return args
+
+
+def skipped_note(manifest):
+    n = manifest.get("skipped_docs", 0)
+    return f"; skipped {n:,} rows whose text is null, missing or not a string" if n else ""
+
+
+def main(argv=None):
+    args = parse_args(argv)
     files, builder = find_data_files(args.data_files) if args.data_files else ([], None)
-    out = os.path.abspath(args.local_dir)
-    os.makedirs(out, exist_ok=True)
+    out = make_folder(args.local_dir)
     identity = {"source": {"data_files": files} if files else {"dataset": DATASET, "config": CONFIG},
                 "shard_size": args.shard_size, "max_tokens": args.max_tokens}
     manifest = check_folder(out, identity, args.overwrite)
     shards = manifest["shards"]
     before = sum(s["tokens"] for s in shards)
     if manifest["done"]:
-        print(f"already done: {len(shards)} shards, {before:,} tokens in {out} (--overwrite redoes it)")
+        print(f"already done: {len(shards)} shards, {before:,} tokens in {out}{skipped_note(manifest)} "
+              "(--overwrite redoes it)")
         return 0
 
+    spec = gpt2_spec()  # before the corpus, whose download or conversion can take minutes
     t0 = time.time()
-    try:
-        ds = load_corpus(files, builder, streaming=args.max_tokens is not None)
-        # resume: skip the documents that earlier shards consumed (write_shards cuts the next one)
-        batches = text_batches(ds, skip_docs=shards[-1]["next_doc"] if shards else 0)
-        # the first batch is read here, not in the pool's feeder thread, so a bad corpus fails cleanly
-        first = next(batches, None)
-        batches = itertools.chain([first], batches) if first is not None else iter(())
-        total = write_shards(batches, out, manifest, args.shard_size, args.max_tokens, args.num_proc)
-    except TokenRangeError as e:
-        fail(e)
-    except OSError as e:  # network gone mid-stream, disk full, ...: the finished shards are safe
-        fail(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}; "
-             "rerun the same command to continue after the last finished shard")
-    except KeyboardInterrupt:
-        fail("interrupted; rerun the same command to continue after the last finished shard")
+    with sigterm_as_ctrl_c():
+        try:
+            ds = load_corpus(files, builder, streaming=args.max_tokens is not None)
+            # resume: skip the documents that earlier shards consumed (write_shards cuts the next one)
+            batches = text_batches(ds, skip_docs=shards[-1]["next_doc"] if shards else 0)
+            # the first batch is read here, not in the pool's feeder thread, so a bad corpus fails cleanly
+            first = next(batches, None)
+            batches = itertools.chain([first], batches) if first is not None else iter(())
+            total = write_shards(batches, out, manifest, spec, args.shard_size, args.max_tokens,
+                                 args.num_proc)
+        except TokenRangeError as e:
+            fail(e)
+        except OSError as e:
+            if e.filename and os.path.dirname(os.path.abspath(e.filename)) == out:  # disk full, ...
+                fail(f"cannot write {e.filename} ({e.strerror or e}); the shards finished before it "
+                     "are intact: make room and rerun the same command to continue after them")
+            fail(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}; "  # network gone mid-stream
+                 "rerun the same command to continue after the last finished shard")
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM
+            fail("interrupted; rerun the same command to continue after the last finished shard")
     dt = time.time() - t0
     print(f"wrote {len(shards)} shards, {total:,} tokens in {out} in {dt:.1f}s "
-          f"({(total - before) / dt:,.0f} tokens/s)")
+          f"({(total - before) / dt:,.0f} tokens/s){skipped_note(manifest)}")
     return 0
 
 
