@@ -9,6 +9,7 @@ copied) on random tokens, so it needs no dataset:
     python bench.py --rungs 1,3,5 --json     # a subset, as a JSON list of rows
     python bench.py --device cpu             # a small model, the whole ladder in ~2 minutes
     python bench.py --device cpu --rungs 1,3,5,6   # the same without torch.compile
+    python bench.py --model gpt2-medium --micro_batch_size 8   # GPT-2 350M
 
     rung  change                 one A100, B=16, T=1024 (the lecture)
     1     fp32                   1000 ms
@@ -39,7 +40,7 @@ import math
 
 from torch.nn import functional as F
 
-from train_gpt2 import (GPT, CausalSelfAttention, GPTConfig, OneLineParser, UserError, mfu,
+from train_gpt2 import (GPT, PRETRAINED, CausalSelfAttention, GPTConfig, OneLineParser, UserError, mfu,
                         flops_per_token, number, peak_tflops, pick_device, train_step)
 
 # -----------------------------------------------------------------------------
@@ -241,6 +242,9 @@ DEFAULTS = dict(  # flag: (on CUDA, elsewhere, what it is)
 def parse_args(argv=None):
     parser = OneLineParser(description="Time the lecture's speed ladder on random tokens.")
     parser.add_argument("--device", default="auto", help="cuda, mps or cpu (default: auto)")
+    parser.add_argument("--model", choices=list(PRETRAINED),
+                        help="one of GPT-2's shapes; sets --n_layer, --n_head and --n_embd "
+                             "(default: none: 124M on CUDA, a small model elsewhere)")
     for name, (gpu, other, what) in DEFAULTS.items():
         low = 0 if name == "warmup_steps" else 1
         parser.add_argument(f"--{name}", type=number(int, low), help=f"{what} (default: {gpu} on "
@@ -259,8 +263,8 @@ def parse_args(argv=None):
     args.device = pick_device(args.device)
     cuda = args.device.startswith("cuda")
     for name, (gpu, other, _) in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, gpu if cuda else other)
+        if getattr(args, name) is None:  # a flag given wins over --model's shape, which wins here
+            setattr(args, name, PRETRAINED.get(args.model, {}).get(name, gpu if cuda else other))
     if args.sequence_length > GPTConfig.block_size:
         raise UserError(f"--sequence_length {args.sequence_length} is longer than "
                         f"block_size {GPTConfig.block_size}")

@@ -241,8 +241,7 @@ def evaluate(model, rendered, device, batch_size=BATCH_SIZE, seq_len=None, autoc
     labels = torch.tensor([label for _, _, label in rendered], dtype=torch.long)
     num_correct = num_correct_norm = num_total = 0
     batches = predict(model, rendered, device, batch_size, seq_len, autocast_dtype, num_batches)
-    with tqdm(total=len(rendered), desc="hellaswag", unit="examples", disable=not progress,
-              leave=False) as bar:
+    with tqdm(total=len(rendered), desc="hellaswag", unit="examples", disable=not progress) as bar:
         for pred, pred_norm in batches:
             y = labels[num_total:num_total + len(pred)]
             num_correct += (pred == y).sum().item()

@@ -1,27 +1,21 @@
 """
-Reproduce GPT-2 (124M) on 10B tokens of FineWeb-Edu, in one file you can read beside the
-"Let's reproduce GPT-2 (124M)" lecture.
-
-The file has two parts. The top part is the lecture's file, in its order and with its names:
-the model, the data loader, the learning-rate schedule, the distributed setup and the
-training loop. Where it differs from the lecture's code (a fix for a known defect, a command
-line instead of edited constants), a comment says why; README.md maps every difference.
-Below the banner "Beyond the lecture" lives what the lecture lacks: checkpoints and exact
-resume, signals, command-line checks, the MFU table, main().
+Reproduce GPT-2 (124M) on 10B tokens of FineWeb-Edu, in one file to read beside the lecture
+"Let's reproduce GPT-2 (124M)". The top part is the lecture's file, in its order and with its
+names; where it differs (a fix of a known defect, a command line instead of edited constants),
+a comment says why, and README.md maps every difference. Below the banner "Beyond the lecture"
+lives what the lecture lacks: checkpoints and exact resume, signals, command-line checks, MFU.
 
     python fineweb.py                                           # tokenize the data (once)
     python train_gpt2.py                                        # one GPU (or MPS, or CPU)
     torchrun --standalone --nproc_per_node=8 train_gpt2.py      # one node, 8 GPUs
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --resume auto   # after a preemption
-
-A CPU smoke run on a tiny model (README.md has the data step):
-
-    python train_gpt2.py --device cpu --n_layer 2 --n_head 2 --n_embd 64 \
-        --micro_batch_size 4 --sequence_length 64 --total_batch_size 512 \
-        --max_steps 50 --warmup_steps 10 --eval_interval 25 --val_steps 2 --hellaswag_limit 20
+    python train_gpt2.py --device cpu --n_layer 2 --n_head 2 --n_embd 64 --micro_batch_size 4 \
+        --sequence_length 64 --total_batch_size 512 --max_steps 50 --warmup_steps 10 \
+        --eval_interval 25 --val_steps 2 --hellaswag_limit 20   # a CPU smoke run
 """
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -254,17 +248,14 @@ def load_tokens(filename):
 
 
 class DataLoaderLite:
-    """(B, T) batches from one split's shards. One process reads the lecture's stream: offsets
-    0, B*T, 2*B*T, ... into a shard, then the next shard (wrapping around after the last).
-    Two differences from the lecture's loader:
-    - With N processes, rank r takes micro-batches r, r+N, r+2N, ... of that stream: N ranks
-      see exactly the tokens of one process with N times the accumulation; none drops a batch
-      or runs ahead at a shard's end (SPEC defect 10), though in the step that crosses it some
-      ranks may read the old shard while others read the new one.
-    - shuffle=True visits the shards, and the batches in each, in a fresh seeded order every
-      epoch, the same on every rank (defect 9); by default it reads in order.
-    Its position (epoch, current_shard, current_position) is the same on every rank, whatever
-    N is, so a run can resume on another number of GPUs."""
+    """(B, T) batches of one split's shards. One process reads the lecture's stream: offsets 0,
+    B*T, 2*B*T, ... into a shard, then the next shard, wrapping around after the last. Fixes:
+    - N processes: rank r takes micro-batches r, r+N, ... of that stream, so no rank drops a
+      batch or runs ahead at a shard's end (defect 10), and N ranks see the tokens of one
+      process with N times the accumulation (in the step that crosses a shard's end, some
+      ranks may read the old shard while others read the new one).
+    - shuffle=True: a fresh seeded order of the shards and of their batches every epoch (defect 9).
+    The position (epoch, current_shard, current_position) is every rank's, whatever N is."""
 
     def __init__(self, B, T, process_rank, num_processes, split, data_root=fineweb.LOCAL_DIR,
                  shuffle=False, seed=0):
@@ -380,6 +371,9 @@ class TrainConfig:
     data_root: str = flag(fineweb.LOCAL_DIR, "token shards written by fineweb.py")
     log_dir: str = flag("log", "log.txt, config.json and the checkpoints model_{step:05d}.pt")
     # the model: GPT-2 124M, its vocabulary padded 50257 -> 50304 = 393 * 128 (faster kernels)
+    model: str = flag("gpt2", "gpt2, gpt2-medium, -large or -xl: a shape and its training defaults (PRESETS)",
+                      choices=tuple(PRETRAINED))
+    init_from: str = flag("", "a new run from OpenAI's weights (gpt2, ...) or a checkpoint's (empty: random)")
     n_layer: int = flag(12, "transformer blocks", low=1)
     n_head: int = flag(12, "attention heads per block", low=1)
     n_embd: int = flag(768, "channels C of the residual stream", low=1)
@@ -409,11 +403,11 @@ class TrainConfig:
     overwrite: bool = flag(False, "start fresh in a log_dir that holds checkpoints, deleting them")
     # the machine
     device: str = flag("auto", "cuda, mps or cpu (auto: the first there is)")
-    dtype: str = flag("auto", "autocast dtype: auto (bfloat16 on CUDA, float16 with a gradient scaler "
-                      "where CUDA lacks bfloat16, else float32), float32, bfloat16 or float16",
-                      choices=("auto", "float32", "bfloat16", "float16"))
-    compile: str = flag("auto", "torch.compile the model: 1, 0 or auto (on CUDA, when Triton is there)",
-                        choices=("auto", "1", "0"))
+    fsdp: bool = flag(False, "torchrun: shard weights, gradients, AdamW state (FSDP2), not DDP")
+    activation_checkpointing: bool = flag(False, "recompute activations in the backward: less memory")
+    dtype: str = flag("auto", "autocast dtype, or auto: bfloat16 on CUDA, else float16 + scaler on old GPUs, "
+                      "float32 off CUDA", choices=("auto", "float32", "bfloat16", "float16"))
+    compile: str = flag("auto", "torch.compile: 1, 0 or auto (CUDA with Triton)", choices=("auto", "1", "0"))
     seed: int = flag(1337, "random seed (the lecture's)", low=0)
     peak_tflops: float = flag(0.0, "accelerator peak TFLOPS for MFU (0: look the GPU up)", low=0)
 
@@ -432,9 +426,11 @@ def train_step(model, optimizer, scaler, train_loader, grad_accum_steps, lr, gra
         if device.startswith("cuda"):  # pinned memory: the copy overlaps with GPU work
             x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # all-reduce the gradients only on the last micro-step (set before its forward)
         if isinstance(model, DDP):
-            # all-reduce the gradients only on the last micro-step (set before its forward)
             model.require_backward_grad_sync = (micro_step == grad_accum_steps - 1)
+        elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2's switch for the same
+            model.set_requires_gradient_sync(micro_step == grad_accum_steps - 1)
         with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
             logits, loss = model(x, y)
         # the loss is a mean over B*T tokens; dividing by the number of micro-steps makes the
@@ -445,6 +441,8 @@ def train_step(model, optimizer, scaler, train_loader, grad_accum_steps, lr, gra
         scaler.scale(loss).backward()
     scaler.unscale_(optimizer)  # float16 only: clip the true gradients, not the scaled ones
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
+        norm = norm.full_tensor()
     # determine and set the learning rate for this iteration
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
@@ -503,12 +501,18 @@ def train(cfg, stop):
     # the plain GPT: what is saved. It is taken before compiling (whose state_dict prefixes
     # every name with "_orig_mod.") rather than as model.module after DDP, as the lecture does
     raw_model = model
+    if cfg.init_from:  # beyond the lecture: start from OpenAI's or one of our checkpoints' weights
+        init_weights(raw_model, cfg.init_from)
+    if cfg.activation_checkpointing:  # beyond the lecture: recompute activations in the backward
+        checkpoint_blocks(raw_model)
     dtype, dtype_why = pick_dtype(cfg.dtype, device)
     use_compile, compile_why = pick_compile(cfg.compile, device_type)
     if use_compile:
         # evaluation and sampling use fixed shapes, so compile stays on for them (defect 1)
         model = torch.compile(model, dynamic=False)
-    if ddp:
+    if ddp and cfg.fsdp:  # beyond the lecture: FSDP2 shards weights, gradients and AdamW state
+        shard_model(raw_model)
+    elif ddp:
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
 
     optimizer = raw_model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
@@ -526,7 +530,7 @@ def train(cfg, stop):
     log(f"total batch {total_batch_size:,} tokens = {B} x {T} tokens x {ddp_world_size} "
         f"processes x {grad_accum_steps} gradient accumulation steps")
     peak = report_start(cfg, device, dtype, dtype_why, use_compile, compile_why, raw_model,
-                        optimizer, train_loader, val_loader, log)
+                        optimizer, train_loader, val_loader, ddp_world_size, log)
     flops = flops_per_token(raw_model, T)  # per token, for MFU
 
     # the log file: "{step} train|val|hella {value}" lines, as the lecture writes them
@@ -559,13 +563,14 @@ def train(cfg, stop):
             with torch.no_grad():
                 val_loss_accum = torch.zeros((), device=device)
                 # val_steps micro-batches in all, rank r taking r, r+N, ...: the lecture took
-                # 20 per rank, so its val loss changed with the number of GPUs (defect 6)
-                for _ in range(ddp_rank, cfg.val_steps, ddp_world_size):
+                # 20 per rank, so its val loss changed with the number of GPUs (defect 6).
+                # Every rank makes as many passes (FSDP's are collectives); a spare one counts 0.
+                for i in range(ddp_rank, -(-cfg.val_steps // ddp_world_size) * ddp_world_size, ddp_world_size):
                     x, y = val_loader.next_batch()
                     x, y = x.to(device), y.to(device)
                     with torch.autocast(**amp):
                         logits, loss = model(x, y)
-                    val_loss_accum += loss.detach() / cfg.val_steps
+                    val_loss_accum += loss.detach() / cfg.val_steps * (i < cfg.val_steps)
             if ddp:
                 dist.all_reduce(val_loss_accum, op=dist.ReduceOp.SUM)  # gloo has no AVG (defect 5)
             val_loss = val_loss_accum.item()
@@ -763,6 +768,84 @@ def load_hellaswag(cfg, enc, rank, world_size):
 
 
 # -----------------------------------------------------------------------------
+# Bigger models: GPT-2's other sizes, their weights, activation checkpointing, FSDP2
+
+# --model: each of GPT-2's four shapes (PRETRAINED) trains with the learning rate and batch of
+# the nearest GPT-3 model (GPT-3 paper, table 2.1) and the 124M run's rules: warmup over 375M
+# tokens, 10B tokens in all, min_lr = 10% of max_lr. micro_batch_size: the largest power of 2
+# whose memory estimate (bfloat16, eager, one GPU) stays under 60 GB, room kept on an 80 GB GPU.
+PRESETS = {
+    "gpt2": dict(),  # GPT-3 Small (125M): lr 6e-4, 0.5M tokens: TrainConfig's own defaults
+    "gpt2-medium": dict(max_lr=3e-4, min_lr=3e-5, micro_batch_size=32),  # GPT-3 Medium (350M): 3e-4, 0.5M
+    "gpt2-large": dict(max_lr=2.5e-4, min_lr=2.5e-5, micro_batch_size=16),  # GPT-3 Large (760M): 2.5e-4, 0.5M
+    "gpt2-xl": dict(max_lr=2e-4, min_lr=2e-5, total_batch_size=2**20, micro_batch_size=8,  # GPT-3 XL
+                    warmup_steps=int(375e6 / 2**20), max_steps=int(10e9 / 2**20)),  # (1.3B): 2e-4, 1M
+}
+
+
+def init_weights(model, source):
+    """--init_from: OpenAI's weights, their 50257-token vocabulary padded with rows of zeros
+    (logit 0 for the padding ids), or the weights of one of our checkpoints."""
+    if source in PRETRAINED:
+        other = load_model(model_type=source)
+    else:
+        other = model_from_checkpoint(load_checkpoint(source), source)
+    a, b = other.config, model.config
+    if (a.n_layer, a.n_head, a.n_embd) != (b.n_layer, b.n_head, b.n_embd) or a.vocab_size > b.vocab_size \
+            or a.block_size < b.block_size:
+        raise UserError(f"--init_from {source} is a {a} model, which does not fit this run's {b}: "
+                        f"pass the matching --model (or shape flags)")
+    theirs = other.state_dict()
+    with torch.no_grad():  # the first rows of wte/lm_head (vocabulary) and wpe (positions)
+        for name, weight in model.state_dict().items():
+            weight.zero_()[:len(theirs[name])] = theirs[name][:len(weight)]
+
+
+def checkpoint_blocks(model):
+    """--activation_checkpointing: each Block keeps only its input for the backward, where it
+    runs its forward again (torch.utils.checkpoint, non-reentrant): the same gradients."""
+    from torch.utils.checkpoint import checkpoint
+    for block in model.transformer.h:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def shard_model(model):
+    """--fsdp: FSDP2 in place, each Block a unit and the root the rest, the tied wte/lm_head
+    with it (a tied weight must stay in one unit). Each rank keeps 1/N of the weights,
+    gradients and AdamW state and gathers a unit's weights when it runs."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def estimate_memory(cfg, n_params, dtype, world_size):
+    """Bytes per GPU of (weights, gradients, AdamW state, activations, the peak of a step), from
+    the tensors an eager step keeps (measured on CPU to within a few %; torch.compile keeps
+    fewer, CUDA's allocator and context add some). The peak is the loss's backward, with every
+    activation alive, or the optimizer step."""
+    L, C, V, BT = cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.micro_batch_size * cfg.sequence_length
+    shard = world_size if cfg.fsdp else 1
+    weights, grads, adam = 4 * n_params / shard, 4 * n_params / shard, 8 * n_params / shard
+    if cfg.fsdp:  # the root unit (wte/lm_head) stays whole; two blocks gathered at a time
+        weights += 4 * (V * C + 2 * (12 * C * C + 13 * C))
+    static = weights + adam + (4 * n_params if world_size > 1 and not cfg.fsdp else 0)  # DDP's buckets
+    half = dtype != torch.float32
+    # saved per token and layer: 16 vectors of C (the LayerNorms' inputs and outputs, q, k, v,
+    # attention's output, the MLP's 4C input and output), all float32, or under autocast the
+    # LayerNorm inputs float32 and the rest half; with checkpointing only the block's input
+    block = (8 * C + 28 * C) if half else 64 * C
+    per_layer = 4 * C if cfg.activation_checkpointing else block
+    logits = (2 if half else 4) * V  # and the loss's float32 log-softmax, 4V
+    casts = 2 * (V * C + (0 if cfg.activation_checkpointing else 12 * L * C * C)) if half else 0
+    activations = BT * (L * per_layer + 8 * C + logits + 4 * V) + casts
+    peak = max(static + activations + BT * 8 * V,  # + the two (B, T, V) gradients of the loss
+               static + grads + BT * (logits + block + 20 * C),  # a block's backward
+               static + grads + BT * logits + 8 * max(V * C, 4 * C * C) / shard)  # AdamW
+    return weights, grads, adam, activations, peak
+
+
+# -----------------------------------------------------------------------------
 # Signals: SIGTERM (preemption, scancel) or Ctrl-C finish the step, checkpoint, exit 0
 
 class StopRequest:
@@ -822,39 +905,62 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def full_state(model, optimizer):
+    """The whole model and optimizer state on rank 0's CPU, in the format of a plain model's
+    state_dict() and optimizer.state_dict(), however the model is wrapped or sharded (one
+    checkpoint format for 1 process, DDP and FSDP). A collective: every rank calls it; the
+    other ranks get empty dicts."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    ids = {}  # it names each parameter by its path: number them in param-group order, as torch.optim
+    groups = [{**g, "params": [ids.setdefault(n, len(ids)) for n in g["params"]]}
+              for g in optim.get("param_groups", [])]
+    return model_state, {"state": {ids[n]: v for n, v in optim.get("state", {}).items()}, "param_groups": groups}
+
+
+def load_full_state(model, optimizer, model_state, optim_state):
+    """The inverse of full_state(), on every rank: each takes its shard under FSDP."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    names = {}
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), name)  # the tied matrix: its first name, as full_state() writes it
+    paths = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    optim_state = {"state": {paths[i]: v for i, v in optim_state["state"].items()},
+                   "param_groups": [{**g, "params": [paths[i] for i in g["params"]]}
+                                    for g in optim_state["param_groups"]]}
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, dict(model_state), options=options)  # a copy: it swaps in shards
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+
+
 def save_checkpoint(cfg, step, raw_model, optimizer, scaler, train_loader, val_loss, world_size,
                     master_process, log):
-    """Rank 0 writes model_{step:05d}.pt: the state before optimizer step `step`. val_loss is
-    that step's val loss, or None when the step was not evaluated."""
+    """model_{step:05d}.pt: the state before optimizer step `step`, gathered from every rank,
+    written by rank 0. val_loss is that step's val loss, or None where it was not evaluated."""
+    model_state, optim_state = full_state(raw_model, optimizer)
     if not master_process:
         return
     path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
-    checkpoint = {"model": raw_model.state_dict(), "config": dataclasses.asdict(raw_model.config),
-                  "step": step, "val_loss": val_loss, "optimizer": optimizer.state_dict(),
-                  "scaler": scaler.state_dict(), "loader": train_loader.state_dict(),
-                  "train_config": dataclasses.asdict(cfg), "world_size": world_size, "rng": rng_state()}
+    checkpoint = {"model": model_state, "config": dataclasses.asdict(raw_model.config), "step": step,
+                  "val_loss": val_loss, "optimizer": optim_state, "scaler": scaler.state_dict(),
+                  "loader": train_loader.state_dict(), "train_config": dataclasses.asdict(cfg),
+                  "world_size": world_size, "rng": rng_state()}
     try:
         fineweb.write_atomic(path, lambda f: torch.save(checkpoint, f))
     except OSError as e:  # the disk is full: the temporary file is gone, the older ones intact
-        need = sum(t.numel() * t.element_size() for t in _tensors(checkpoint))
         older = [p for s, p in list_checkpoints(cfg.log_dir) if s < step]
-        raise UserError(f"cannot write {path} ({e.strerror or e}; it needs about {need / 2**30:.2f} "
-                        f"GiB); {'the previous checkpoint ' + older[-1] + ' is intact' if older else 'no earlier checkpoint'}") from None
+        raise UserError(f"cannot write {path} ({e.strerror or e}; it needs about "
+                        f"{16 * sum(p.numel() for p in raw_model.parameters()) / 2**30:.2f} GiB: "
+                        f"weights and AdamW state); " + (f"the previous checkpoint {older[-1]} is "
+                        "intact" if older else "there is no earlier checkpoint")) from None
     if cfg.keep_checkpoints > 0:  # the newest N up to this one (not a later, abandoned run's)
         for _, old in [c for c in list_checkpoints(cfg.log_dir) if c[0] <= step][:-cfg.keep_checkpoints]:
             os.remove(old)
     log(f"saved {path}")
-
-
-def _tensors(obj):
-    if torch.is_tensor(obj):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
 
 
 def load_checkpoint(path):
@@ -953,10 +1059,9 @@ def maybe_resume(cfg, raw_model, optimizer, scaler, train_loader, log):
                if k in old and old[k] != getattr(cfg, k) and (k != "seed" or cfg.shuffle)]
     if changed:
         log(f"warning: resuming with other flags than the run's: {'; '.join(changed)}")
-    raw_model.load_state_dict(checkpoint["model"])
     for saved, group in zip(checkpoint["optimizer"]["param_groups"], optimizer.param_groups):
         saved["fused"] = group["fused"]  # fused or not is this machine's choice (CUDA or not)
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    load_full_state(raw_model, optimizer, checkpoint["model"], checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint.get("scaler") or scaler.state_dict())
     train_loader.set_state(checkpoint["loader"])
     set_rng_state(checkpoint["rng"])
@@ -1062,10 +1167,15 @@ def parse_args(argv=None):
         kind = (number(f.type, low) if low is not None else one_of(*choices) if choices
                 else str2bool if f.type is bool else f.type)
         default = int(f.default) if kind is str2bool else f.default  # booleans show as 0/1
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default,
+        preset = " or --model's" if any(f.name in p for p in [*PRESETS.values(), PRETRAINED["gpt2"]]) else ""
+        parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
                             metavar="0|1" if kind is str2bool else f.name.upper(),
-                            help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"))
-    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+                            help=f"{f.metadata['help']} (default: {default}{preset})".replace("%", "%%"))
+    given = vars(parser.parse_args(argv))  # only the flags on the command line
+    # --model's shape and training defaults, under the flags given (--init_from gpt2-xl: its shape)
+    init_from = given.get("init_from", "")
+    model = given.get("model", init_from if init_from in PRESETS else "gpt2")
+    cfg = TrainConfig(**{**PRETRAINED[model], **PRESETS[model], "model": model, **given})
     check_config(cfg)
     return cfg
 
@@ -1089,6 +1199,12 @@ def check_config(cfg):
     if cfg.vocab_size < 50257 and (cfg.sample or cfg.hellaswag):
         raise UserError(f"--vocab_size {cfg.vocab_size} is smaller than the GPT-2 tokenizer's 50257, "
                         "which sampling and HellaSwag use: raise it, or pass --sample 0 --hellaswag 0")
+    if cfg.init_from and cfg.resume:
+        raise UserError("--init_from starts a new run from a model's weights; --resume continues a "
+                        "run: pass one of them")
+    if cfg.fsdp and world_size == 1:
+        raise UserError("--fsdp 1 shards the model over the processes of torchrun: launch with "
+                        "torchrun --nproc_per_node=N (N > 1), or leave it off")
     if not cfg.log_dir or not cfg.data_root:
         raise UserError("--log_dir and --data_root must not be empty")
 
@@ -1131,14 +1247,30 @@ def mfu(tokens_per_sec, flops_per_token, peak):
 
 
 def report_start(cfg, device, dtype, dtype_why, use_compile, compile_why, raw_model, optimizer,
-                 train_loader, val_loader, log):
+                 train_loader, val_loader, world_size, log):
     """Prints what the flags came to; returns the peak TFLOPS for MFU (None: unknown)."""
-    log(f"device {device_name(device)}, dtype {str(dtype)[6:]} ({dtype_why}), compile "
-        f"{'on' if use_compile else 'off'} ({compile_why})")
+    c = raw_model.config
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    log(f"model {cfg.model}: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} channels, vocab "
+        f"{c.vocab_size}, context {c.block_size}: {n_params:,} parameters"
+        + (f", from {cfg.init_from}" if cfg.init_from else ""))
     groups = [(len(g["params"]), sum(p.numel() for p in g["params"])) for g in optimizer.param_groups]
-    log(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters; weight decay on "
-        f"{groups[0][0]} tensors ({groups[0][1]:,} parameters), none on {groups[1][0]} ({groups[1][1]:,})")
+    log(f"AdamW: weight decay {cfg.weight_decay} on {groups[0][0]} tensors ({groups[0][1]:,} "
+        f"parameters), none on {groups[1][0]} ({groups[1][1]:,}); learning rate: warmup to "
+        f"{cfg.max_lr:g} over {cfg.warmup_steps} steps, cosine to {cfg.min_lr:g} at step {cfg.max_steps}")
+    log(f"device {device_name(device)}, dtype {str(dtype)[6:]} ({dtype_why}), compile "
+        f"{'on' if use_compile else 'off'} ({compile_why}), "
+        + ("FSDP" if cfg.fsdp else "DDP" if world_size > 1 else "1 process")
+        + (", activation checkpointing" if cfg.activation_checkpointing else ""))
     log(f"data: {len(train_loader.shards)} train and {len(val_loader.shards)} val shards in {cfg.data_root}")
+    weights, grads, adam, activations, peak_bytes = estimate_memory(cfg, n_params, dtype, world_size)
+    log(f"memory per process (estimate, eager): {peak_bytes / 2**30:.2f} GiB at the peak; weights "
+        f"{weights / 2**30:.2f}, gradients {grads / 2**30:.2f}, AdamW {adam / 2**30:.2f}, activations "
+        f"{activations / 2**30:.2f} GiB")
+    if device.startswith("cuda") and peak_bytes > torch.cuda.get_device_properties(device).total_memory:
+        log(f"warning: that is more than this GPU's {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} "
+            f"GiB: try --micro_batch_size {max(1, cfg.micro_batch_size // 2)}, --activation_checkpointing 1"
+            + (", or --fsdp 1" if world_size > 1 and not cfg.fsdp else ""))
     peak = cfg.peak_tflops or peak_tflops(device, dtype)
     if device.startswith("cuda") and not peak:
         log(f"MFU not shown: no peak TFLOPS known for {device_name(device)} in {str(dtype)[6:]} "
@@ -1149,18 +1281,47 @@ def report_start(cfg, device, dtype, dtype_why, use_compile, compile_why, raw_mo
 # -----------------------------------------------------------------------------
 # main: one line per error, the process group torn down whatever happens
 
+# how gloo and NCCL report that a peer process went away
+PEER_LOST = re.compile(r"closed by peer|reset by peer|remote worker|remote process|Broken pipe|"
+                       r"NCCL communicator was aborted|Failed to recv")
+
+
 def main(argv=None):
     stop = StopRequest()  # first of all: a SIGTERM during the start must not kill silently
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     try:
         cfg = parse_args(argv)
         check_log_dir(cfg)
         train(cfg, stop)
     except UserError as e:
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one line per node, not per process
+        # before the process group, every process fails alike: one line per node; after it, an
+        # error may be one process's own (its node's data, its GPU): each says it
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            print(f"error: rank {rank}: {e}", file=sys.stderr)
+        elif local_rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # a collective failed because another process died
+        if not (dist.is_initialized() and PEER_LOST.search(str(e))):
+            raise
+        if local_rank == 0:
+            print(f"error: rank {rank}: stopped, as another process of this run failed (its error "
+                  f"is above, or on its node)", file=sys.stderr)
+        return 1
+    except IndexError as e:  # the embedding's lookup: the data holds a token id >= vocab_size
+        if "index out of range" not in str(e):
+            raise
+        print(f"error: the data holds token ids >= --vocab_size {cfg.vocab_size}: the shards were "
+              "written with another tokenizer, or --vocab_size is too small", file=sys.stderr)
+        return 1
+    except NotImplementedError as e:  # an operation MPS lacks: say which, not the traceback
+        if "MPS" not in str(e):
+            raise
+        print(f"error: {str(e).splitlines()[0]} Set PYTORCH_ENABLE_MPS_FALLBACK=1 to run it on the "
+              "CPU, or pass --device cpu", file=sys.stderr)
+        return 1
     except RunFinished as e:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if rank == 0:
             print(e)
     except KeyboardInterrupt:
         print("error: stopped at once by a second Ctrl-C; no checkpoint was written for the "

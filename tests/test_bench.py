@@ -182,3 +182,10 @@ def test_ranges_in_process(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--device", "cpu"] + args)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_model_sets_the_shape_and_flags_win():
+    args = bench.parse_args(["--device", "cpu", "--model", "gpt2-medium", "--n_layer", "2"])
+    assert (args.n_layer, args.n_head, args.n_embd) == (2, 16, 1024)
+    args = bench.parse_args(["--device", "cpu"])
+    assert (args.n_layer, args.n_head, args.n_embd) == (2, 4, 128)  # the CPU default
