@@ -88,22 +88,22 @@ def make_corpus(path, doc_chars, copies):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="environment variables:\n  SHARED_DATA  the folder of "
-                                       "tinyshakespeare/ and tiktoken_cache/ (TIKTOKEN_CACHE_DIR "
-                                       "overrides the latter)")
-    p.add_argument("--doc_chars", type=int, default=4500,
+    from train_gpt2 import OneLineParser, number  # the project's one-line errors and ranges
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog="environment variables:\n  SHARED_DATA  the folder of "
+                             "tinyshakespeare/ and tiktoken_cache/ (TIKTOKEN_CACHE_DIR "
+                             "overrides the latter)")
+    positive = number(int, 1)
+    p.add_argument("--doc_chars", type=positive, default=4500,
                    help="characters per document, about (default: %(default)s)")
-    p.add_argument("--copies", type=int, default=60,
+    p.add_argument("--copies", type=positive, default=60,
                    help="times the corpus holds tiny shakespeare (default: %(default)s)")
-    p.add_argument("--num_proc", type=int, nargs="+", default=[max(1, (os.cpu_count() or 2) // 2)],
+    p.add_argument("--num_proc", type=positive, nargs="+", default=[max(1, (os.cpu_count() or 2) // 2)],
                    help="pool sizes to measure, each for both sides (default: %(default)s)")
-    p.add_argument("--shard_size", type=int, default=10**6, help="tokens per shard (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--shard_size", type=positive, default=10**6, help="tokens per shard (default: %(default)s)")
+    p.add_argument("--repeats", type=positive, default=3,
                    help="runs of each side, interleaved; the median is reported (default: %(default)s)")
     args = p.parse_args(argv)
-    if min(args.doc_chars, args.copies, args.shard_size, args.repeats, *args.num_proc) < 1:
-        p.error("every number must be >= 1")
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
     tmp = tempfile.mkdtemp(prefix="bench_fineweb_")
     try:

@@ -198,23 +198,26 @@ BATCH_SIZE = 16  # examples per forward pass: (64, 192) tokens for val
 
 def predict(model, rendered, device, batch_size=BATCH_SIZE, seq_len=None, autocast_dtype=None,
             num_batches=None):
-    """Yields (pred, pred_norm), each (n,), for each batch of n <= batch_size examples.
+    """An iterator of (pred, pred_norm), each (n,), for each batch of n <= batch_size examples.
     Every forward pass has the same shape (4 * batch_size, seq_len), so a compiled model
     compiles once: a partial batch is filled with rows of zeros, which are dropped. Right
     padding changes nothing for a causal model: no real token attends to a padded position.
     num_batches > the batches needed adds passes of padding only (yielding empty tensors), so
-    that every rank of a run makes the same number of passes."""
+    that every rank of a run makes the same number of passes. Checks the length at once."""
     if not rendered and not num_batches:
-        return
+        return iter(())
     seq_len = seq_len or pad_length(rendered)
     block_size = _block_size(model)
     if block_size is not None and seq_len > block_size:
         raise HellaSwagError(f"HellaSwag needs sequences of {seq_len} tokens, but the model's "
                              f"block_size is {block_size}")
-    device = torch.device(device)
-    use_autocast = autocast_dtype is not None and autocast_dtype != torch.float32
     if num_batches is None:
         num_batches = -(-len(rendered) // batch_size)
+    return _passes(model, rendered, torch.device(device), batch_size, seq_len, autocast_dtype, num_batches)
+
+
+def _passes(model, rendered, device, batch_size, seq_len, autocast_dtype, num_batches):
+    use_autocast = autocast_dtype is not None and autocast_dtype != torch.float32
     for start in range(0, num_batches * batch_size, batch_size):
         chunk = rendered[start:start + batch_size]
         tokens = torch.zeros((4 * batch_size, seq_len), dtype=torch.long)

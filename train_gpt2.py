@@ -24,6 +24,7 @@ import random
 import re
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -977,16 +978,23 @@ def load_checkpoint(path):
     return checkpoint
 
 
+def check_weights(path, model, weights):
+    """One line, not load_state_dict's traceback, when a checkpoint's tensors do not fit the model."""
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in weights.items() if torch.is_tensor(v)}
+    wrong = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if wrong:
+        raise UserError(f"{path}: its weights do not fit its config {dataclasses.asdict(model.config)} "
+                        f"({len(wrong)} tensors differ; {wrong[0]}: {theirs.get(wrong[0], 'missing')} "
+                        f"in the file, {ours.get(wrong[0], 'none')} in the model)")
+
+
 def model_from_checkpoint(checkpoint, path):
     """The GPT that a checkpoint holds; old checkpoints carry flash_attention, now gone."""
     names = {f.name for f in dataclasses.fields(GPTConfig)}
-    config = {k: v for k, v in checkpoint["config"].items() if k in names}
-    model = GPT(GPTConfig(**config))
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: its weights do not fit its config {config} "
-                        f"({str(e).splitlines()[0][:150]})") from None
+    model = GPT(GPTConfig(**{k: v for k, v in checkpoint["config"].items() if k in names}))
+    check_weights(path, model, checkpoint["model"])
+    model.load_state_dict(checkpoint["model"])
     return model
 
 
@@ -1059,6 +1067,7 @@ def maybe_resume(cfg, raw_model, optimizer, scaler, train_loader, log):
                if k in old and old[k] != getattr(cfg, k) and (k != "seed" or cfg.shuffle)]
     if changed:
         log(f"warning: resuming with other flags than the run's: {'; '.join(changed)}")
+    check_weights(path, raw_model, checkpoint["model"])
     for saved, group in zip(checkpoint["optimizer"]["param_groups"], optimizer.param_groups):
         saved["fused"] = group["fused"]  # fused or not is this machine's choice (CUDA or not)
     load_full_state(raw_model, optimizer, checkpoint["model"], checkpoint["optimizer"])
@@ -1079,9 +1088,17 @@ OUR_FILES = re.compile(r"(model_\d+\.pt|log\.txt|config\.json)(\.tmp)?")
 
 
 def check_log_dir(cfg):
-    """Before anything is built: never start afresh over another run's checkpoints."""
+    """Before anything is built: a folder rank 0 can write to, and never a fresh start over
+    another run's checkpoints."""
     if os.path.exists(cfg.log_dir) and not os.path.isdir(cfg.log_dir):
         raise UserError(f"--log_dir {cfg.log_dir} is a file, not a folder")
+    if int(os.environ.get("RANK", 0)) == 0:
+        try:
+            os.makedirs(cfg.log_dir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=cfg.log_dir):  # permissions, a read-only disk
+                pass
+        except OSError as e:
+            raise UserError(f"cannot write to --log_dir {cfg.log_dir} ({e.strerror or e})") from None
     if cfg.resume or not list_checkpoints(cfg.log_dir):
         return
     if not cfg.overwrite:
@@ -1199,6 +1216,7 @@ def check_config(cfg):
     if cfg.vocab_size < 50257 and (cfg.sample or cfg.hellaswag):
         raise UserError(f"--vocab_size {cfg.vocab_size} is smaller than the GPT-2 tokenizer's 50257, "
                         "which sampling and HellaSwag use: raise it, or pass --sample 0 --hellaswag 0")
+    pick_compile(cfg.compile, pick_device(cfg.device).split(":")[0])  # no Triton: fail now, not at step 0
     if cfg.init_from and cfg.resume:
         raise UserError("--init_from starts a new run from a model's weights; --resume continues a "
                         "run: pass one of them")

@@ -143,11 +143,11 @@ os.replace = replace
 """
 
 
-def run(args, torchrun=0, env=None, check=True, script="train_gpt2.py", prelude=None,
-        timeout=300, nnodes=None):
+def run(args, torchrun=0, env=None, check=True, script="train_gpt2.py", prelude=None, timeout=300):
     """Run a script in a subprocess: python, or torchrun with `torchrun` CPU processes. With a
-    prelude, the script's main() runs after that Python code (e.g. KILL_PRELUDE)."""
-    target = [str(REPO / script)]
+    prelude, the script's main() runs after that Python code (e.g. KILL_PRELUDE). script=None:
+    python with args alone (e.g. ["-c", code])."""
+    target = [str(REPO / script)] if script else []
     if prelude is not None:
         module = script[:-3]
         code = f"import sys\nsys.path.insert(0, {str(REPO)!r})\n{prelude}\nimport {module}\nsys.exit({module}.main())"

@@ -205,17 +205,17 @@ def test_sigterm_before_the_first_step_exits_0(data, tmp_path):
 
 def test_sigterm_during_hellaswag_saves_the_step_and_resumes_exactly(data, tmp_path, hella_env):
     clean, log_dir = str(tmp_path / "clean"), str(tmp_path / "log")
-    flags = dict(vocab_size=50304, block_size=128, max_steps=6, eval_interval=3, hellaswag=1,
-                 hellaswag_limit=40, checkpoint_interval=100)
+    flags = dict(vocab_size=50304, block_size=128, max_steps=4, eval_interval=2, hellaswag=1,
+                 hellaswag_limit=20, checkpoint_interval=100)  # 2 forward passes per evaluation
     run(tiny_args(data, clean, **flags))
-    # SIGTERM in the 5th HellaSwag forward pass: the second of step 3's three
+    # SIGTERM in the 3rd HellaSwag forward pass: the first of step 2's two
     prelude = ("import os, signal, hellaswag\nreal, calls = hellaswag.score, [0]\n"
-               "def score(*a):\n    calls[0] += 1\n    if calls[0] == 5:\n"
+               "def score(*a):\n    calls[0] += 1\n    if calls[0] == 3:\n"
                "        os.kill(os.getpid(), signal.SIGTERM)\n    return real(*a)\n"
                "hellaswag.score = score\n")
     p = run(tiny_args(data, log_dir, **flags), prelude=prelude)
-    assert "stopped by a signal during the HellaSwag evaluation of step 3" in p.stdout
-    assert checkpoint_names(log_dir) == ["model_00003.pt"]
+    assert "stopped by a signal during the HellaSwag evaluation of step 2" in p.stdout
+    assert checkpoint_names(log_dir) == ["model_00002.pt"]
     assert [s for s, k, _ in read_log(log_dir) if k == "hella"] == [0]
     run(tiny_args(data, log_dir, resume="auto", **flags))
     assert log_text(log_dir) == log_text(clean)
