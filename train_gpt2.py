@@ -861,10 +861,11 @@ class StopRequest:
         self.requested = True
 
     def vote(self, ddp, device):
-        """Has any rank been asked to stop? (a collective: every rank must call it)"""
+        """Has any rank been asked to stop? (under DDP/FSDP a collective: every rank calls it)"""
+        if not ddp:
+            return self.requested
         flag = torch.tensor(float(self.requested), device=device)
-        if ddp:
-            dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
         return flag.item() > 0
 
     def restore(self):
