@@ -40,8 +40,9 @@ import math
 
 from torch.nn import functional as F
 
-from train_gpt2 import (GPT, PRETRAINED, CausalSelfAttention, GPTConfig, OneLineParser, UserError, mfu,
-                        flops_per_token, number, peak_tflops, pick_device, train_step)
+from fineweb import OneLineParser, number
+from train_gpt2 import (GPT, PRETRAINED, CausalSelfAttention, GPTConfig, UserError, flops_per_token, mfu,
+                        peak_tflops, pick_device, train_step)
 
 # -----------------------------------------------------------------------------
 # The rungs: each one turns on one more of the lecture's speed-ups

@@ -1,7 +1,6 @@
 """Tokens/s of fineweb.py against a plain per-document Pool.imap baseline, on the same corpus.
 
-A standalone script, not a test. The corpus is tiny shakespeare (in $SHARED_DATA, by default
-../shared/data, as for the tests) cut into documents of about --doc_chars characters (FineWeb-Edu's
+A standalone script, not a test. The corpus is tiny shakespeare (the copy in assets/) cut into documents of about --doc_chars characters (FineWeb-Edu's
 documents average ~4.5k characters, ~1k tokens), replicated --copies times, written as jsonl.
 Both sides read it through the same datasets cache, tokenize with the same --num_proc pool and
 write shards of the same size; the shards must come out byte-identical.
@@ -24,8 +23,6 @@ import numpy as np
 
 import fineweb
 
-REPO = Path(__file__).resolve().parent
-SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
 
 # -----------------------------------------------------------------------------
 # the baseline: the reference's loop, one document per imap item (chunksize 16)
@@ -35,8 +32,7 @@ enc = None
 
 def init_baseline():
     global enc
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    enc = fineweb.gpt2_encoding()  # = tiktoken.get_encoding("gpt2"), without the download
 
 
 def tokenize_doc(doc):
@@ -73,7 +69,7 @@ def cpu_seconds():
 
 
 def make_corpus(path, doc_chars, copies):
-    text = (SHARED_DATA / "tinyshakespeare" / "input.txt").read_text()
+    text = fineweb.read_asset("tinyshakespeare", "input.txt").decode()
     docs, cur = [], []
     for para in text.split("\n\n"):
         cur.append(para)
@@ -88,12 +84,8 @@ def make_corpus(path, doc_chars, copies):
 
 
 def main(argv=None):
-    from train_gpt2 import OneLineParser, number  # the project's one-line errors and ranges
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                      epilog="environment variables:\n  SHARED_DATA  the folder of "
-                             "tinyshakespeare/ and tiktoken_cache/ (TIKTOKEN_CACHE_DIR "
-                             "overrides the latter)")
-    positive = number(int, 1)
+    p = fineweb.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    positive = fineweb.number(int, 1)
     p.add_argument("--doc_chars", type=positive, default=4500,
                    help="characters per document, about (default: %(default)s)")
     p.add_argument("--copies", type=positive, default=60,
@@ -104,7 +96,6 @@ def main(argv=None):
     p.add_argument("--repeats", type=positive, default=3,
                    help="runs of each side, interleaved; the median is reported (default: %(default)s)")
     args = p.parse_args(argv)
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
     tmp = tempfile.mkdtemp(prefix="bench_fineweb_")
     try:
         run(args, tmp)

@@ -11,28 +11,22 @@ Export one of our checkpoints as a Hugging Face `transformers` GPT-2 folder.
 Our parameter names are Hugging Face's, so the export is a copy: the four Conv1D weights are
 transposed (train_gpt2.HF_TRANSPOSED, the list GPT.from_pretrained uses the other way) and the
 vocabulary padding is dropped (50304 -> 50257 rows: the 47 extra tokens have no text). The
-tokenizer files (GPT-2's vocab.json and merges.txt) are taken from tiktoken's cache.
+tokenizer files are GPT-2's own, from assets/gpt2: encoder.json as vocab.json, vocab.bpe as
+merges.txt.
 """
 import argparse
-import hashlib
 import os
-import shutil
 import sys
-import tempfile
 
 import torch
 
+import fineweb
 import train_gpt2
 from train_gpt2 import HF_BUFFERS, HF_TRANSPOSED, UserError
 
 GPT2_VOCAB = 50257  # the tokenizer's vocabulary; the rows above it are padding
-# GPT-2's tokenizer files as tiktoken caches them: file name = sha1(url), and their sha256
-TOKENIZER_FILES = {
-    "vocab.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-                   "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
-    "merges.txt": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
-}
+# transformers' names for GPT-2's tokenizer files, and OpenAI's (in assets/gpt2)
+TOKENIZER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}
 
 
 def to_hf(model):
@@ -62,32 +56,17 @@ def to_hf(model):
 
 
 def write_tokenizer(out_dir, block_size):
-    """GPT-2's tokenizer files from tiktoken's cache; False when they are not there."""
-    try:
-        train_gpt2.gpt2_tokenizer()  # downloads them into the cache when online
-    except UserError:
-        pass
-    cache = (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-             or os.path.join(tempfile.gettempdir(), "data-gym-cache"))  # tiktoken's own order
-    for name, (url, sha256) in TOKENIZER_FILES.items():
-        path = os.path.join(cache, hashlib.sha1(url.encode()).hexdigest())
-        if not os.path.isfile(path):
-            return False
-        with open(path, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != sha256:
-                return False  # a corrupt copy: tiktoken would not use it either
-        shutil.copyfile(path, os.path.join(out_dir, name))
+    """GPT-2's tokenizer files, from assets/gpt2 (sha256 checked), as transformers names them."""
+    for name, ours in TOKENIZER_FILES.items():
+        data = fineweb.read_asset("gpt2", ours)
+        fineweb.write_atomic(os.path.join(out_dir, name), lambda f: f.write(data))
     from transformers import GPT2TokenizerFast
     # read back from the folder, then saved: adds tokenizer.json and tokenizer_config.json
     GPT2TokenizerFast.from_pretrained(out_dir, model_max_length=block_size).save_pretrained(out_dir)
-    return True
 
 
 def main(argv=None):
-    parser = train_gpt2.OneLineParser(
-        description="Export one of our checkpoints as a transformers GPT-2 folder",
-        epilog="environment variables:\n  TIKTOKEN_CACHE_DIR   a folder holding tiktoken's GPT-2 "
-               "files, copied as the tokenizer", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = fineweb.OneLineParser(description="Export one of our checkpoints as a transformers GPT-2 folder")
     parser.add_argument("--checkpoint", required=True, help="e.g. log/model_19073.pt (required)")
     parser.add_argument("--out", required=True, help="folder to write, created if needed (required)")
     args = parser.parse_args(argv)
@@ -100,9 +79,10 @@ def main(argv=None):
         hf_model = to_hf(model)
         try:
             hf_model.save_pretrained(args.out)
+            write_tokenizer(args.out, model.config.block_size)
         except OSError as e:  # an unwritable folder, a full disk
             raise UserError(f"cannot write {args.out}: {e.strerror or e}") from None
-    except UserError as e:
+    except (UserError, fineweb.AssetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     # check what was written: transformers' own loader gives our logits on the real vocabulary
@@ -117,13 +97,7 @@ def main(argv=None):
     print(f"wrote {args.out}: GPT2LMHeadModel, {c.n_layer} layers, {c.n_head} heads, n_embd "
           f"{c.n_embd}, n_positions {c.n_positions}, vocab {c.vocab_size} (checkpoint: "
           f"{model.config.vocab_size}); max |logit difference| after reloading {diff:.1e}")
-    if write_tokenizer(args.out, model.config.block_size):
-        print(f"wrote the GPT-2 tokenizer (vocab.json, merges.txt, tokenizer.json) to {args.out}")
-    else:
-        print(f"tokenizer files not written: GPT-2's vocab.json and merges.txt are not in "
-              f"tiktoken's cache (offline?). To add them: set TIKTOKEN_CACHE_DIR to a folder that "
-              f"holds them and rerun, or, online: python -c \"from transformers import "
-              f"AutoTokenizer; AutoTokenizer.from_pretrained('gpt2').save_pretrained('{args.out}')\"")
+    print(f"wrote the GPT-2 tokenizer (vocab.json, merges.txt, tokenizer.json) to {args.out}")
     return 0
 
 

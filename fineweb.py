@@ -28,6 +28,7 @@ import contextlib
 import glob
 import itertools
 import json
+import math
 import os
 import signal
 import sys
@@ -48,6 +49,47 @@ DOCS_PER_TASK = 256  # documents per pool task: ~1 MB of FineWeb-Edu text, so ta
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 # the oldest versions with Encoding.encode_to_numpy and Dataset.skip (checked in their wheels)
 TIKTOKEN_MIN, DATASETS_MIN = "0.9.0", "2.19.0"
+
+
+# -----------------------------------------------------------------------------
+# The files the repository ships in assets/, so that nothing a repository can carry is
+# downloaded: GPT-2's tokenizer, tiny shakespeare, HellaSwag's val set (assets/README.md)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+ASSET_SHA256 = {  # each file's sha256, checked whenever it is read
+    "gpt2/encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "gpt2/vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "tinyshakespeare/input.txt": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    "hellaswag/hellaswag_val.jsonl.gz": "92e264a59ebdb8402af53a9ca4178ead281dcba5ccb6c0ffd39c016ba64bbaa2",
+}
+# GPT-2's pre-tokenizer: text is cut into words, numbers, punctuation and whitespace runs
+# before BPE merges within each piece (tiktoken's spelling of OpenAI's regex for "gpt2")
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+class AssetError(Exception):
+    """A shipped file that is missing or damaged, or a package too old to read it: one line."""
+
+
+def asset_path(*parts):
+    return str(ASSETS.joinpath(*parts))
+
+
+def read_asset(*parts):
+    """The bytes of a file in assets/, after checking its sha256 (a damaged clone or a checkout
+    that rewrote line endings would otherwise give silently wrong tokens)."""
+    import hashlib
+    name, path = "/".join(parts), asset_path(*parts)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise AssetError(f"cannot read {path} ({e.strerror or e}): it ships with the repository; "
+                         "restore it with `git checkout -- assets`") from None
+    if hashlib.sha256(data).hexdigest() != ASSET_SHA256[name]:
+        raise AssetError(f"{path} is damaged (its sha256 is not the one in assets/README.md): "
+                         "restore it with `git checkout -- assets`")
+    return data
 
 
 def shard_filename(split, index):
@@ -78,24 +120,30 @@ class TokenRangeError(ValueError):
 
 
 def gpt2_spec():
-    """The arguments of tiktoken.Encoding for GPT-2, from which every worker thread builds its own.
+    """The arguments of tiktoken.Encoding for GPT-2, from which every worker thread builds its own:
+    built from the tokenizer files in assets/, so nothing is downloaded (tiktoken's own
+    get_encoding("gpt2") fetches the same files from OpenAI's servers)."""
+    import tiktoken
+    if not hasattr(tiktoken.Encoding, "encode_to_numpy"):
+        raise AssetError(f"needs tiktoken >= {TIKTOKEN_MIN} (Encoding.encode_to_numpy); "
+                         "pip install -U tiktoken")
+    encoder = json.loads(read_asset("gpt2", "encoder.json"))  # {token as text: rank}
+    # encoder.json spells each byte of a token as one printable character (OpenAI's
+    # bytes_to_unicode): the 188 printable bytes but space as themselves, the other 68 as
+    # chr(256 + n), in byte order. Back to bytes, it is the table of BPE merge ranks.
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    byte_of = {chr(b): b for b in printable}
+    byte_of.update((chr(256 + n), b) for n, b in enumerate(b for b in range(256) if b not in printable))
+    ranks = {bytes(byte_of[c] for c in token): rank for token, rank in encoder.items()
+             if token != "<|endoftext|>"}
+    return dict(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
 
-    tiktoken has no public getter for them: this is its documented plugin interface (a
-    tiktoken_ext module's ENCODING_CONSTRUCTORS), which get_encoding("gpt2") itself calls."""
-    try:
-        import tiktoken
-        from tiktoken_ext.openai_public import ENCODING_CONSTRUCTORS
-        constructor = ENCODING_CONSTRUCTORS["gpt2"]
-        if not hasattr(tiktoken.Encoding, "encode_to_numpy"):
-            raise ImportError("Encoding.encode_to_numpy is new in tiktoken 0.9.0")
-    except (ImportError, KeyError):
-        fail(f"needs tiktoken >= {TIKTOKEN_MIN} (with tiktoken_ext.openai_public and "
-             "Encoding.encode_to_numpy); pip install -U tiktoken")
-    try:  # here, once: a worker whose initializer fails is respawned by the pool, forever
-        return constructor()
-    except Exception as e:
-        fail(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); no network? "
-             "point TIKTOKEN_CACHE_DIR at a folder with its files")
+
+def gpt2_encoding():
+    """GPT-2's tokenizer: the lecture's tiktoken.get_encoding("gpt2"), with no download."""
+    import tiktoken
+    return tiktoken.Encoding(**gpt2_spec())
 
 
 def init_worker(spec, num_threads):
@@ -208,8 +256,8 @@ def load_corpus(files, builder, streaming):
         try:
             ds = datasets.load_dataset(DATASET, name=CONFIG, split="train", streaming=streaming)
         except OSError as e:  # ConnectionError, the hub's HTTP errors, offline mode
-            fail(f"cannot load {DATASET} from the Hugging Face hub ({type(e).__name__}); "
-                 "no network? use --data_files with local files")
+            fail(f"cannot load {DATASET} from the Hugging Face hub ({type(e).__name__}); no network? "
+                 "set HF_ENDPOINT to a mirror of the hub, or use --data_files with local files")
     if ds.column_names is not None and "text" not in ds.column_names:
         fail(f"the corpus has no 'text' column (it has: {', '.join(ds.column_names)})")
     return ds
@@ -397,21 +445,61 @@ def sigterm_as_ctrl_c():
 
 
 # -----------------------------------------------------------------------------
-# The command line
+# The command line. The parser and flag types here serve every script of the project: this
+# file imports neither torch nor the trainer, so the trainer and the tools import them from here.
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors, and no prefix matching (--max_step is not --max_steps)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):  # one line, not argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def number(kind, low):
+    """An argparse type: a finite int or float, at least `low`."""
+    def read(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not (math.isfinite(value) and value >= low):
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
+        return value
+    read.__name__ = kind.__name__  # argparse names the type in its messages
+    return read
+
+
+def one_of(*choices):
+    def read(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return text
+    return read
+
+
+def str2bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1/0/true/false, got {s!r}")
+
 
 ENVIRONMENT = """\
 environment variables:
-  TIKTOKEN_CACHE_DIR  folder of the GPT-2 tokenizer files (vocab.bpe, encoder.json); tiktoken
-                      downloads them there if missing (default: <tmp>/data-gym-cache)
   HF_DATASETS_CACHE   the datasets cache: the downloaded corpus, and --data_files converted to
                       Arrow (default: $HF_HOME/datasets)
   HF_HOME             root of the Hugging Face caches (default: ~/.cache/huggingface)
   HF_HUB_OFFLINE      1: never contact the hub (--data_files, or a corpus already in the cache)
+  HF_ENDPOINT         a Hugging Face mirror to download from (e.g. https://hf-mirror.com)
 """
 
 
 def parse_args(argv):
-    from train_gpt2 import OneLineParser, str2bool  # the project's one-line errors and 0|1 flags
     p = OneLineParser(prog="fineweb.py", description=__doc__, epilog=ENVIRONMENT,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local_dir", default=LOCAL_DIR,
@@ -457,7 +545,10 @@ def main(argv=None):
               "(--overwrite redoes it)")
         return 0
 
-    spec = gpt2_spec()  # before the corpus, whose download or conversion can take minutes
+    try:  # before the corpus, whose download or conversion can take minutes
+        spec = gpt2_spec()
+    except AssetError as e:
+        fail(e)
     t0 = time.time()
     with sigterm_as_ctrl_c():
         try:

@@ -22,10 +22,14 @@ acc_norm. With this method, on the 10,042 val examples (SPEC.md):
     python hellaswag.py -m gpt2 -d cuda                            # OpenAI's weights
     python hellaswag.py --checkpoint log/model_19073.pt -d cuda    # one of our checkpoints
 
-The data is downloaded once to ./hellaswag next to this file (or $HELLASWAG_DIR).
-Importing this file is cheap: no tokenizer, no download, no transformers.
+The val set ships with the repository (assets/hellaswag/hellaswag_val.jsonl.gz, sha256
+checked), so the usual evaluation needs no network; a hellaswag_{split}.jsonl in ./hellaswag
+next to this file (or $HELLASWAG_DIR) is used instead when it is there, and the train and test
+splits are downloaded there once. Importing this file is cheap: no tokenizer, no download, no
+transformers.
 """
 import argparse
+import gzip
 import itertools
 import json
 import os
@@ -34,6 +38,8 @@ from contextlib import nullcontext
 
 import torch
 from torch.nn import functional as F
+
+import fineweb  # the shipped files, the atomic write, the tokenizer (imports nothing heavy)
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 SPLITS = ("train", "val", "test")
@@ -58,18 +64,23 @@ def _folder(path):
     return os.path.abspath(path) if path is not None else data_dir()
 
 
+SHIPPED = {"val": ("hellaswag", "hellaswag_val.jsonl.gz")}  # in assets/: all 10,042 val examples
+
+
 def download(split, data_dir=None):
-    """Returns the path of hellaswag_{split}.jsonl, downloading it only if it is not there."""
+    """Returns the path of hellaswag_{split}.jsonl: the one in the data folder if it is there,
+    else the copy in assets/ (val), else the file downloaded into the data folder."""
     if split not in SPLITS:
         raise HellaSwagError(f"unknown HellaSwag split {split!r}: use one of {', '.join(SPLITS)}")
     folder = _folder(data_dir)
     path = os.path.join(folder, f"hellaswag_{split}.jsonl")
     if os.path.exists(path):
         return path  # no network at all when the file is there
+    if split in SHIPPED:
+        return fineweb.asset_path(*SHIPPED[split])
     import requests
     from tqdm import tqdm
 
-    from fineweb import write_atomic  # the project's one atomic write (fineweb imports nothing heavy)
     url = URL.format(split=split)
     try:
         resp = requests.get(url, stream=True, timeout=30)
@@ -83,7 +94,7 @@ def download(split, data_dir=None):
         os.makedirs(folder, exist_ok=True)
         # to a temporary name, then renamed: an interrupted download leaves no truncated
         # file that the next run would take for the real one
-        write_atomic(path, fetch)
+        fineweb.write_atomic(path, fetch)
     except requests.RequestException as e:
         raise HellaSwagError(
             f"cannot download {url} ({type(e).__name__}); without network, put "
@@ -112,18 +123,28 @@ def _check(example):
 def iterate_examples(split, data_dir=None):
     """Yields the examples of a split as dicts with (at least) 'ctx', 'endings', 'label'."""
     path = download(split, data_dir)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise HellaSwagError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-            problem = _check(example)
-            if problem:
-                raise HellaSwagError(f"{path}, line {lineno}: {problem}")
-            yield example
+    try:
+        if path.endswith(".gz"):  # the copy in assets/: 3 MB, 12 MB of text once unpacked
+            text = gzip.decompress(fineweb.read_asset(*SHIPPED[split])).decode()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except fineweb.AssetError as e:
+        raise HellaSwagError(str(e)) from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, a binary file
+        why = getattr(e, "strerror", None) or type(e).__name__
+        raise HellaSwagError(f"cannot read {path} ({why})") from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise HellaSwagError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+        problem = _check(example)
+        if problem:
+            raise HellaSwagError(f"{path}, line {lineno}: {problem}")
+        yield example
 
 
 # -----------------------------------------------------------------------------
@@ -262,20 +283,21 @@ def evaluate(model, rendered, device, batch_size=BATCH_SIZE, seq_len=None, autoc
 
 def main(argv=None):
     import train_gpt2  # the model, its checkpoint format and the tokenizer loader live there
-    parser = train_gpt2.OneLineParser(
+    parser = fineweb.OneLineParser(
         description="HellaSwag accuracy of GPT-2 or of one of our checkpoints",
-        epilog="environment variables:\n  HELLASWAG_DIR        where hellaswag_{split}.jsonl is kept "
-               "(default: ./hellaswag next to this file)\n  TIKTOKEN_CACHE_DIR   a folder holding "
-               "tiktoken's GPT-2 files (offline machines)\n  HF_HOME              Hugging Face's cache, "
-               "for -m's weights", formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog="environment variables:\n  HELLASWAG_DIR        where hellaswag_{split}.jsonl is looked "
+               "for and downloaded (default: ./hellaswag next to this file; val: the copy in assets/)\n"
+               "  HF_HOME              Hugging Face's cache, for -m's weights\n"
+               "  HF_ENDPOINT          a Hugging Face mirror for -m's weights (e.g. https://hf-mirror.com)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model_type", choices=MODEL_TYPES,
                         help="OpenAI's weights, loaded into our GPT through Hugging Face (default: none)")
     parser.add_argument("--checkpoint", help="one of our checkpoints, e.g. log/model_19073.pt (default: none)")
     parser.add_argument("-d", "--device", default="auto", help="cuda, mps or cpu (default: auto, the first there is)")
     parser.add_argument("--split", default="val", choices=SPLITS, help="(default: val)")
-    parser.add_argument("--limit", type=train_gpt2.number(int, 1), default=None,
+    parser.add_argument("--limit", type=fineweb.number(int, 1), default=None,
                         help="only the first N examples (default: all)")
-    parser.add_argument("--batch_size", type=train_gpt2.number(int, 1), default=BATCH_SIZE,
+    parser.add_argument("--batch_size", type=fineweb.number(int, 1), default=BATCH_SIZE,
                         help=f"examples per forward pass (default: {BATCH_SIZE})")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="autocast dtype (default: float32, with TF32 matmuls on CUDA: the "
@@ -288,7 +310,7 @@ def main(argv=None):
         if device.startswith("cuda"):
             torch.set_float32_matmul_precision("high")  # TF32, as the reference evaluated
         # the data first: a missing or broken file fails before a big model is loaded
-        enc = train_gpt2.gpt2_tokenizer()
+        enc = fineweb.gpt2_encoding()
         examples = itertools.islice(iterate_examples(args.split), args.limit)
         rendered = [render_example(example, enc) for example in examples]
         if not rendered:
@@ -301,7 +323,7 @@ def main(argv=None):
         num_correct, num_correct_norm, num_total = evaluate(
             model, rendered, device, batch_size=args.batch_size, seq_len=seq_len,
             autocast_dtype=getattr(torch, args.dtype), progress=True)
-    except (HellaSwagError, train_gpt2.UserError) as e:
+    except (HellaSwagError, train_gpt2.UserError, fineweb.AssetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"acc: {num_correct}/{num_total} = {num_correct / num_total:.4f}")

@@ -146,7 +146,7 @@ def smoothing(text):
 
 
 def main(argv=None):
-    from train_gpt2 import OneLineParser  # here: importing this file imports no torch
+    from fineweb import OneLineParser  # the project's one-line errors (fineweb imports no torch)
     parser = OneLineParser(description="Plot train/val loss and HellaSwag from log.txt")
     parser.add_argument("logs", nargs="*", default=["log/log.txt"], metavar="LOG",
                         help="log.txt files of train_gpt2.py (default: log/log.txt)")

@@ -19,6 +19,7 @@ import sys
 import torch
 from torch.nn import functional as F
 
+import fineweb
 import train_gpt2
 from train_gpt2 import UserError
 
@@ -98,12 +99,12 @@ def sample(model, enc, prompt, num_samples=4, max_new_tokens=24, top_k=50, tempe
 
 
 def main(argv=None):
-    parser = train_gpt2.OneLineParser(
+    parser = fineweb.OneLineParser(
         description="Sample from one of our checkpoints or from GPT-2",
-        epilog="environment variables:\n  TIKTOKEN_CACHE_DIR   a folder holding tiktoken's GPT-2 "
-               "files (offline machines)\n  HF_HOME              Hugging Face's cache, for -m's weights",
+        epilog="environment variables:\n  HF_HOME              Hugging Face's cache, for -m's weights\n"
+               "  HF_ENDPOINT          a Hugging Face mirror for -m's weights (e.g. https://hf-mirror.com)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    number = train_gpt2.number
+    number = fineweb.number
     parser.add_argument("--checkpoint", help="one of our checkpoints, e.g. log/model_19073.pt (default: none)")
     parser.add_argument("-m", "--model_type", choices=list(train_gpt2.PRETRAINED),
                         help="OpenAI's weights, loaded into our GPT through Hugging Face (default: none)")
@@ -130,11 +131,11 @@ def main(argv=None):
             raise UserError("give exactly one of --checkpoint and -m/--model_type")
         device = train_gpt2.pick_device(args.device)
         dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-        enc = train_gpt2.gpt2_tokenizer()  # before the model: a missing tokenizer fails fast
+        enc = fineweb.gpt2_encoding()  # before the model: a damaged tokenizer file fails fast
         model = train_gpt2.load_model(args.checkpoint, args.model_type, device)
         out = sample(model, enc, args.prompt, args.num_samples, args.max_new_tokens, args.top_k,
                      args.temperature, args.seed, getattr(torch, dtype), not args.no_kv_cache)
-    except UserError as e:
+    except (UserError, fineweb.AssetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for i, row in enumerate(out.tolist()):

@@ -2,16 +2,15 @@
 Reproduce GPT-2 (124M) on 10B tokens of FineWeb-Edu, in one file to read beside the lecture
 "Let's reproduce GPT-2 (124M)". The top part is the lecture's file, in its order and with its
 names; where it differs (a fix of a known defect, a command line instead of edited constants),
-a comment says why, and README.md maps every difference. Below the banner "Beyond the lecture"
-lives what the lecture lacks: checkpoints and exact resume, signals, command-line checks, MFU.
+a comment says why, and docs/lecture-map.md lists every difference. Below the banner "Beyond the
+lecture" lives what the lecture lacks: checkpoints and exact resume, signals, flag checks, MFU.
 
+    python train_gpt2.py --demo                                 # first: a small GPT-2 on tiny
+                                                                # shakespeare, offline, minutes on a CPU
     python fineweb.py                                           # tokenize the data (once)
     python train_gpt2.py                                        # one GPU (or MPS, or CPU)
     torchrun --standalone --nproc_per_node=8 train_gpt2.py      # one node, 8 GPUs
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --resume auto   # after a preemption
-    python train_gpt2.py --device cpu --n_layer 2 --n_head 2 --n_embd 64 --micro_batch_size 4 \
-        --sequence_length 64 --total_batch_size 512 --max_steps 50 --warmup_steps 10 \
-        --eval_interval 25 --val_steps 2 --hellaswag_limit 20   # a CPU smoke run
 """
 import argparse
 import dataclasses
@@ -35,7 +34,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import fineweb  # where the shards are (LOCAL_DIR) and the atomic file write; imports nothing heavy
+import fineweb  # the shards' folder, GPT-2's tokenizer, the atomic write; imports nothing heavy
 import hellaswag  # the HellaSwag eval: its data, rendering and scoring (imports nothing heavy)
 
 
@@ -371,10 +370,11 @@ class TrainConfig:
     # files
     data_root: str = flag(fineweb.LOCAL_DIR, "token shards written by fineweb.py")
     log_dir: str = flag("log", "log.txt, config.json and the checkpoints model_{step:05d}.pt")
+    demo: bool = flag(False, "a small GPT-2 on tiny shakespeare (assets/): every stage, offline, in minutes")
     # the model: GPT-2 124M, its vocabulary padded 50257 -> 50304 = 393 * 128 (faster kernels)
-    model: str = flag("gpt2", "gpt2, gpt2-medium, -large or -xl: a shape and its training defaults (PRESETS)",
+    model: str = flag("gpt2", "gpt2, gpt2-medium, -large or -xl: a shape and its training defaults",
                       choices=tuple(PRETRAINED))
-    init_from: str = flag("", "a new run from OpenAI's weights (gpt2, ...) or a checkpoint's (empty: random)")
+    init_from: str = flag("", "a new run from OpenAI's weights (gpt2, ...) or a checkpoint's; none: random")
     n_layer: int = flag(12, "transformer blocks", low=1)
     n_head: int = flag(12, "attention heads per block", low=1)
     n_embd: int = flag(768, "channels C of the residual stream", low=1)
@@ -400,7 +400,7 @@ class TrainConfig:
     sample: bool = flag(True, "print 4 samples per process at every evaluation but step 0's")
     checkpoint_interval: int = flag(5000, "steps between checkpoints; one more before and one after the last step", low=1)
     keep_checkpoints: int = flag(0, "keep only the newest N checkpoints (0: keep all)", low=0)
-    resume: str = flag("", "auto: the newest checkpoint in log_dir; or a checkpoint's path (empty: start fresh)")
+    resume: str = flag("", "auto: the newest checkpoint in log_dir, or a checkpoint's path; none: start fresh")
     overwrite: bool = flag(False, "start fresh in a log_dir that holds checkpoints, deleting them")
     # the machine
     device: str = flag("auto", "cuda, mps or cpu (auto: the first there is)")
@@ -479,7 +479,7 @@ def train(cfg, stop):
     if torch.cuda.is_available():
         torch.cuda.manual_seed(cfg.seed)
 
-    enc = gpt2_tokenizer() if (cfg.sample or cfg.hellaswag) else None
+    enc = fineweb.gpt2_encoding()  # tiktoken's "gpt2", built from the files in assets/: no download
 
     total_batch_size = cfg.total_batch_size  # 2**19, ~0.5M, in number of tokens
     B = cfg.micro_batch_size  # micro batch size
@@ -736,16 +736,6 @@ def _has_triton():
         return False
 
 
-def gpt2_tokenizer():
-    import tiktoken  # here, not at the top: importing this file builds no tokenizer
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}): tiktoken downloads "
-                        "it once into its cache; offline, set TIKTOKEN_CACHE_DIR to a folder that "
-                        "holds it, or pass --sample 0 --hellaswag 0") from None
-
-
 def load_hellaswag(cfg, enc, rank, world_size):
     """This rank's share of the rendered val examples, the one padded length, and the number of
     forward passes: the same on every rank, so that the passes' stop votes (and FSDP's
@@ -782,6 +772,37 @@ PRESETS = {
     "gpt2-xl": dict(max_lr=2e-4, min_lr=2e-5, total_batch_size=2**20, micro_batch_size=8,  # GPT-3 XL
                     warmup_steps=int(375e6 / 2**20), max_steps=int(10e9 / 2**20)),  # (1.3B): 2e-4, 1M
 }
+
+
+# --demo: every stage of the real run (train and val loss, HellaSwag on a slice of its val set,
+# samples, checkpoints, log.txt, config.json and a plot) in a couple of minutes on a laptop CPU,
+# with no download: a 4-layer GPT-2 on tiny shakespeare, the text the lecture starts from, whose
+# tokens fineweb.py writes as shards on first use (a val shard of 32k tokens, 10 train shards).
+DEMO = dict(data_root=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_demo"),
+            log_dir="log_demo", n_layer=4, n_head=4, n_embd=128, block_size=256,
+            micro_batch_size=8, sequence_length=128, total_batch_size=1024, max_steps=150,
+            warmup_steps=10, max_lr=2e-3, min_lr=2e-4, eval_interval=75, val_steps=8,
+            hellaswag_limit=40, checkpoint_interval=75)
+DEMO_SHARD_SIZE = 32768  # tokens per shard of tiny shakespeare's 338,026
+
+
+def write_demo_shards(cfg):
+    """--demo's data: tiny shakespeare's shards, written by fineweb.py's own code on first use
+    (on a node's first process; the others wait for it). Later runs find them done."""
+    if cfg.data_root != DEMO["data_root"]:
+        return  # --demo --data_root DIR: the demo's model on other shards
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        fineweb.main(["--data_files", fineweb.asset_path("tinyshakespeare", "input.txt"), "--local_dir",
+                      cfg.data_root, "--shard_size", str(DEMO_SHARD_SIZE), "--num_proc", "1"])
+        return
+    manifest = os.path.join(cfg.data_root, "manifest.json")
+    for _ in range(600):
+        if os.path.exists(manifest):
+            with open(manifest) as f:
+                if json.load(f)["done"]:
+                    return
+        time.sleep(0.5)
+    raise UserError(f"the demo's shards did not appear in {cfg.data_root} within 5 minutes")
 
 
 def init_weights(model, source):
@@ -1008,8 +1029,8 @@ def load_model(checkpoint=None, model_type=None, device="cpu"):
         try:
             model = GPT.from_pretrained(model_type)
         except OSError as e:  # offline, and the weights are not in Hugging Face's cache
-            raise UserError(f"cannot load {model_type} from Hugging Face: "
-                            f"{str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot load {model_type} from Hugging Face ({str(e).splitlines()[0]}); "
+                            "no network? set HF_ENDPOINT to a mirror of the hub") from None
     return model.to(device).eval()
 
 
@@ -1134,66 +1155,34 @@ def prepare_log_dir(cfg, start_step):
 # The command line: every TrainConfig field is a flag; every value is checked before
 # anything is built
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def number(kind, low):
-    """An argparse type: a finite int or float, at least `low`."""
-    def read(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not (math.isfinite(value) and value >= low):
-            raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
-        return value
-    read.__name__ = kind.__name__  # argparse names the type in its messages
-    return read
-
-
-def one_of(*choices):
-    def read(text):
-        if text not in choices:
-            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
-        return text
-    return read
-
-
-def str2bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 1/0/true/false, got {s!r}")
-
-
 ENV_HELP = """environment variables:
-  TIKTOKEN_CACHE_DIR   a folder holding tiktoken's GPT-2 files (offline machines)
-  HELLASWAG_DIR        where hellaswag_val.jsonl is kept (default: ./hellaswag next to the scripts)
+  HELLASWAG_DIR        a folder with your own hellaswag_val.jsonl (default: the copy in assets/)
   RANK, LOCAL_RANK, WORLD_SIZE   set by torchrun: a multi-process run"""
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(description="Train GPT-2 on FineWeb-Edu shards; the defaults are "
+    parser = fineweb.OneLineParser(description="Train GPT-2 on FineWeb-Edu shards; the defaults are "
                            "the lecture's 124M run.", epilog=ENV_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         low, choices = f.metadata["low"], f.metadata["choices"]
-        kind = (number(f.type, low) if low is not None else one_of(*choices) if choices
-                else str2bool if f.type is bool else f.type)
-        default = int(f.default) if kind is str2bool else f.default  # booleans show as 0/1
-        preset = " or --model's" if any(f.name in p for p in [*PRESETS.values(), PRETRAINED["gpt2"]]) else ""
+        kind = (fineweb.number(f.type, low) if low is not None else fineweb.one_of(*choices) if choices
+                else fineweb.str2bool if f.type is bool else f.type)
+        default = int(f.default) if kind is fineweb.str2bool else "none" if f.default == "" else f.default
+        by_model = {k for p in [*PRESETS.values(), PRETRAINED["gpt2"]] for k in p}
+        preset = "".join(f" or {name}'s" for name, keys in (("--model", by_model), ("--demo", DEMO))
+                         if f.name in keys)
         parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
-                            metavar="0|1" if kind is str2bool else f.name.upper(),
+                            **(dict(nargs="?", const=True) if kind is fineweb.str2bool else {}),  # --demo = --demo 1
+                            metavar="0|1" if kind is fineweb.str2bool else f.name.upper(),
                             help=f"{f.metadata['help']} (default: {default}{preset})".replace("%", "%%"))
     given = vars(parser.parse_args(argv))  # only the flags on the command line
-    # --model's shape and training defaults, under the flags given (--init_from gpt2-xl: its shape)
+    # --model's shape and training defaults, then --demo's, under the flags given (--init_from
+    # gpt2-xl: its shape)
     init_from = given.get("init_from", "")
     model = given.get("model", init_from if init_from in PRESETS else "gpt2")
-    cfg = TrainConfig(**{**PRETRAINED[model], **PRESETS[model], "model": model, **given})
+    demo = DEMO if given.get("demo") else {}
+    cfg = TrainConfig(**{**PRETRAINED[model], **PRESETS[model], **demo, "model": model, **given})
     check_config(cfg)
     return cfg
 
@@ -1311,8 +1300,13 @@ def main(argv=None):
     try:
         cfg = parse_args(argv)
         check_log_dir(cfg)
+        if cfg.demo:
+            write_demo_shards(cfg)
         train(cfg, stop)
-    except UserError as e:
+        if cfg.demo and rank == 0:  # the demo's last stage: the curves, as plot_log.py draws them
+            import plot_log
+            plot_log.main([os.path.join(cfg.log_dir, "log.txt")])
+    except (UserError, fineweb.AssetError) as e:
         # before the process group, every process fails alike: one line per node; after it, an
         # error may be one process's own (its node's data, its GPU): each says it
         if dist.is_initialized() and dist.get_world_size() > 1:

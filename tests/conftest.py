@@ -1,9 +1,9 @@
 """Shared fixtures and helpers of the test suite (test modules never import each other).
 
-The real GPT-2 tokenizer files, the HellaSwag val set and tiny shakespeare live in
-`../shared/data` (override with SHARED_DATA=/path). A test that needs one of them skips
-with the reason when it is absent; with REQUIRE_SHARED_DATA=1 (set by .ci/run) the
-skip becomes a failure, so in CI those tests always run.
+The tests need no network and nothing outside the repository: the GPT-2 tokenizer, the HellaSwag
+val set and tiny shakespeare ship in assets/. The environment variables that would point the
+scripts elsewhere (a user's HELLASWAG_DIR, a tiktoken cache) are cleared for the whole run, so
+the suite runs as on a fresh clone.
 
 Tests that start subprocesses or compile are marked `slow`: `pytest -m "not slow"` gives
 quick feedback.
@@ -20,9 +20,11 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `import train_gpt2` etc. from any working directory
+for _variable in ("HELLASWAG_DIR", "TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+    os.environ.pop(_variable, None)  # this process and every subprocess: the shipped files only
 
-SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
-REQUIRE = os.environ.get("REQUIRE_SHARED_DATA", "0") == "1"
+ASSETS = REPO / "assets"
+SHAKESPEARE = ASSETS / "tinyshakespeare" / "input.txt"  # the lecture's input.txt
 VOCAB = 512  # the tiny vocabulary of the training tests: their shards hold ids < VOCAB
 
 
@@ -32,40 +34,27 @@ def pytest_configure(config):
 
 
 # -----------------------------------------------------------------------------
-# the offline assets
+# the oracle of the tokenizer
 
-def _need(path: Path, what: str) -> Path:
-    if not path.exists():
-        msg = f"{what} not found at {path} (set SHARED_DATA to the shared/data folder)"
-        if REQUIRE:
-            pytest.fail(msg + "; REQUIRE_SHARED_DATA=1 forbids skipping", pytrace=False)
-        pytest.skip(msg)
-    return path
+# the URLs tiktoken's own "gpt2" constructor downloads, and the files in assets/ they hold
+TIKTOKEN_URLS = {"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe": "vocab.bpe",
+                 "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json": "encoder.json"}
 
 
-@pytest.fixture
-def tiktoken_cache(monkeypatch):
-    """Points tiktoken at the offline GPT-2 tokenizer files (in this process and in subprocesses)."""
-    path = _need(SHARED_DATA / "tiktoken_cache", "GPT-2 tokenizer files (tiktoken cache)")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(path))
-    return path
+@pytest.fixture(scope="session")
+def tiktoken_gpt2(tmp_path_factory):
+    """tiktoken.get_encoding("gpt2") itself, built by tiktoken's own code (an independent oracle
+    for fineweb.gpt2_encoding): its cache is filled with the shipped files under the names it
+    looks for, sha1(url), so it downloads nothing."""
+    import hashlib
 
-
-@pytest.fixture
-def hellaswag_val_file():
-    return _need(SHARED_DATA / "hellaswag" / "hellaswag_val.jsonl", "HellaSwag val set")
-
-
-@pytest.fixture
-def hella_env(tiktoken_cache, hellaswag_val_file, monkeypatch):
-    """The tokenizer and the HellaSwag val set, for this process and its subprocesses."""
-    monkeypatch.setenv("HELLASWAG_DIR", str(hellaswag_val_file.parent))
-    return hellaswag_val_file.parent
-
-
-@pytest.fixture
-def shakespeare_file():
-    return _need(SHARED_DATA / "tinyshakespeare" / "input.txt", "tiny shakespeare")
+    import tiktoken
+    cache = tmp_path_factory.mktemp("tiktoken_cache")
+    for url, name in TIKTOKEN_URLS.items():
+        (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes((ASSETS / "gpt2" / name).read_bytes())
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+        return tiktoken.get_encoding("gpt2")  # kept by tiktoken for the rest of the process
 
 
 # -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from conftest import (SHARED_DATA, VOCAB, make_shards, one_line_error, run, tiny_args,
+from conftest import (VOCAB, make_shards, one_line_error, run, tiny_args,
                       tiny_checkpoint)
 
 import train_gpt2
@@ -88,8 +88,8 @@ def files(tmp_path_factory):
 
 # -----------------------------------------------------------------------------
 # the cases: (script, args, expected exit code, phrases the one line must hold,
-# phrases it must not hold, what the case needs: "tok" the tokenizer, "hella" + HellaSwag,
-# "no-cuda" / "no-mps" a machine without it: skipped where there is one).
+# phrases it must not hold, what the case needs: "no-cuda" / "no-mps" a machine without it:
+# skipped where there is one).
 # Arguments may name the built files as {name} (see `files`), and {tmp}: a fresh folder.
 
 ARGPARSE, OURS = 2, 1
@@ -152,7 +152,7 @@ CASES = [
     case(T, train(block_size=16, sequence_length=16, sample=1), OURS, "sampling writes 32 tokens",
          "--block_size 16", id="train-block-too-small-for-sampling"),
     case(T, train(block_size=64, vocab_size=50304, hellaswag=1, hellaswag_limit=100), OURS,
-         "HellaSwag needs sequences of", "--block_size is 64", needs=("hella",),
+         "HellaSwag needs sequences of", "--block_size is 64",
          id="train-block-too-small-for-hellaswag"),
     case(T, train(vocab_size=100), OURS, "token ids >= --vocab_size 100", id="train-vocab-below-data"),
     # --- checkpoints whose contents disagree
@@ -179,13 +179,12 @@ CASES = [
     case(S, ["--checkpoint", "{short}", "-m", "gpt2"], OURS, "exactly one of --checkpoint and -m",
          id="sample-both"),
     case(S, [], OURS, "exactly one of --checkpoint and -m", id="sample-neither"),
-    case(S, ["--checkpoint", "{tmp}/nope.pt"], OURS, "nope.pt does not exist", needs=("tok",),
+    case(S, ["--checkpoint", "{tmp}/nope.pt"], OURS, "nope.pt does not exist",
          id="sample-missing-checkpoint"),
-    case(S, ["--checkpoint", "{foreign}"], OURS, NOT_OURS, forbid=("weights_only=False",), needs=("tok",),
+    case(S, ["--checkpoint", "{foreign}"], OURS, NOT_OURS, forbid=("weights_only=False",),
          id="sample-foreign-checkpoint"),
-    case(S, ["--checkpoint", "{misfit}"], OURS, "do not fit its config", needs=("tok",), id="sample-misfit"),
-    case(S, ["--checkpoint", "{short}"], OURS, "longer than the model's context", "block_size 16",
-         needs=("tok",), id="sample-prompt-over-context"),
+    case(S, ["--checkpoint", "{misfit}"], OURS, "do not fit its config", id="sample-misfit"),
+    case(S, ["--checkpoint", "{short}"], OURS, "longer than the model's context", "block_size 16", id="sample-prompt-over-context"),
     case(S, ["--checkpoint", "{short}", "--top_k", "0"], ARGPARSE, "--top_k", "at least 1",
          id="sample-top_k-0"),
     case(S, ["--checkpoint", "{short}", "--temperature", "0"], ARGPARSE, "--temperature", "at least",
@@ -201,14 +200,12 @@ CASES = [
     case(H, ["--checkpoint", "{short}", "-m", "gpt2"], OURS,
          "exactly one of -m/--model_type and --checkpoint", id="hellaswag-both"),
     case(H, [], OURS, "exactly one of -m/--model_type and --checkpoint", id="hellaswag-neither"),
-    case(H, ["--checkpoint", "{tmp}/nope.pt", "--limit", "2"], OURS, "nope.pt does not exist",
-         needs=("hella",), id="hellaswag-missing-checkpoint"),
-    case(H, ["--checkpoint", "{foreign}", "--limit", "2"], OURS, NOT_OURS, forbid=("weights_only=False",),
-         needs=("hella",), id="hellaswag-foreign-checkpoint"),
-    case(H, ["--checkpoint", "{misfit}", "--limit", "2"], OURS, "do not fit its config", needs=("hella",),
+    case(H, ["--checkpoint", "{tmp}/nope.pt", "--limit", "2"], OURS, "nope.pt does not exist", id="hellaswag-missing-checkpoint"),
+    case(H, ["--checkpoint", "{foreign}", "--limit", "2"], OURS, NOT_OURS, forbid=("weights_only=False",), id="hellaswag-foreign-checkpoint"),
+    case(H, ["--checkpoint", "{misfit}", "--limit", "2"], OURS, "do not fit its config",
          id="hellaswag-misfit"),
     case(H, ["--checkpoint", "{short}", "--limit", "2"], OURS, "HellaSwag needs sequences of",
-         "block_size is 16", needs=("hella",), id="hellaswag-context-too-short"),
+         "block_size is 16", id="hellaswag-context-too-short"),
     case(H, ["--checkpoint", "{short}", "--limit", "0"], ARGPARSE, "--limit", "at least 1",
          id="hellaswag-limit-0"),
     case(H, ["--checkpoint", "{short}", "--batch_size", "0"], ARGPARSE, "--batch_size", "at least 1",
@@ -264,7 +261,6 @@ CASES = [
 # exist, and each test waits for its own.
 
 WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
-NEEDS = {"tok": "tiktoken_cache", "hella": "hella_env"}  # the conftest fixtures that check them
 HAS = {"no-cuda": torch.cuda.is_available(),  # where the machine has it, it is not an error
        "no-mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available()}
 TEST_NAME = "test_bad_input_fails_in_one_line"
@@ -277,13 +273,7 @@ def start(script, args, names):
 
 @pytest.fixture(scope="module")
 def outcomes(files, tmp_path_factory, request):
-    """{case id: future of (CompletedProcess, the names its {placeholders} stood for)}. The
-    subprocesses inherit os.environ: the offline assets' variables are set here, for the whole
-    module, to the values that the fixtures tiktoken_cache and hella_env set again (and restore)
-    per test, so that os.environ never loses a key while a worker thread copies it."""
-    env = pytest.MonkeyPatch()
-    env.setenv("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
-    env.setenv("HELLASWAG_DIR", str(SHARED_DATA / "hellaswag"))
+    """{case id: future of (CompletedProcess, the names its {placeholders} stood for)}."""
     selected = {item.callspec.id for item in request.session.items
                 if getattr(item, "originalname", None) == TEST_NAME and item.path == request.path}
     pool = ThreadPoolExecutor(max_workers=WORKERS)
@@ -295,7 +285,6 @@ def outcomes(files, tmp_path_factory, request):
             futures[param.id] = pool.submit(start, script, args, names)
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
-    env.undo()
 
 
 @pytest.mark.parametrize("script, args, rc, needles, forbid, needs", CASES)
@@ -303,8 +292,6 @@ def test_bad_input_fails_in_one_line(outcomes, request, script, args, rc, needle
     for need in needs:
         if HAS.get(need):
             pytest.skip(f"this machine has {need[3:]}")
-        if need in NEEDS:  # the offline assets: skip (or, in CI, fail) when they are absent
-            request.getfixturevalue(NEEDS[need])
     p, names = outcomes[request.node.callspec.id].result()
     line = one_line_error(p, *(n.format(**names) for n in needles), rc=rc)
     for bad in forbid:

@@ -5,12 +5,13 @@ import torch
 from conftest import one_line_error, run, tiny_checkpoint
 
 import export_hf
+import fineweb
 import train_gpt2
 
 PROMPT = "Hello, I'm a language model,"
 
 @pytest.mark.parametrize("vocab_size", [50304, 50257])
-def test_export_loads_in_transformers_with_our_logits(tmp_path, tiktoken_cache, vocab_size, capsys):
+def test_export_loads_in_transformers_with_our_logits(tmp_path, vocab_size, capsys):
     from transformers import AutoTokenizer, GPT2LMHeadModel
     ckpt, model = tiny_checkpoint(tmp_path / "model.pt", vocab_size=vocab_size)
     out = tmp_path / "hf"
@@ -27,7 +28,7 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, tiktoken_cache, 
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
     # the tokenizer folder: transformers encodes as tiktoken does
     tok = AutoTokenizer.from_pretrained(out)
-    assert tok.encode(PROMPT) == train_gpt2.gpt2_tokenizer().encode(PROMPT)
+    assert tok.encode(PROMPT) == fineweb.gpt2_encoding().encode(PROMPT)
     # and our own loader takes the folder back: the real-vocabulary weights round-trip
     back = train_gpt2.GPT.from_pretrained(str(out)).state_dict()
     for k, v in model.state_dict().items():
@@ -36,16 +37,18 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, tiktoken_cache, 
         assert torch.equal(back[k], v), k
 
 
-def test_export_without_tokenizer_files(tmp_path, monkeypatch, capsys):
+def test_export_with_a_damaged_tokenizer_file_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import fineweb
     ckpt, _ = tiny_checkpoint(tmp_path / "model.pt")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
-    def offline():
-        raise train_gpt2.UserError("offline")
-    monkeypatch.setattr(train_gpt2, "gpt2_tokenizer", offline)  # no download attempt
-    assert export_hf.main(["--checkpoint", ckpt, "--out", str(tmp_path / "hf")]) == 0
-    assert "tokenizer files not written" in capsys.readouterr().out
-    assert (tmp_path / "hf" / "config.json").exists()
-    assert not (tmp_path / "hf" / "vocab.json").exists()
+    assets = tmp_path / "assets"
+    shutil.copytree(fineweb.ASSETS / "gpt2", assets / "gpt2")
+    (assets / "gpt2" / "vocab.bpe").write_bytes(b"#version: 0.2\nnot GPT-2's merges\n")
+    monkeypatch.setattr(fineweb, "ASSETS", assets)
+    assert export_hf.main(["--checkpoint", ckpt, "--out", str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vocab.bpe is damaged" in err and "git checkout -- assets" in err, err
 
 
 def test_export_errors(tmp_path, capsys):

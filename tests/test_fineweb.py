@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import fineweb
-from conftest import REPO, one_line_error
+from conftest import REPO, SHAKESPEARE, one_line_error
 
 EOT = 50256
 S = 7000  # shard size of every test
@@ -51,7 +51,7 @@ _CORPUS = {}
 
 
 @pytest.fixture
-def corpus(tiktoken_cache, shakespeare_file, tmp_path_factory, monkeypatch):
+def corpus(tmp_path_factory, monkeypatch, tiktoken_gpt2):
     """(docs, jsonl path, parquet path), written once per session; datasets' cache in a tmp folder."""
     import datasets
     import pyarrow as pa
@@ -59,7 +59,7 @@ def corpus(tiktoken_cache, shakespeare_file, tmp_path_factory, monkeypatch):
 
     if not _CORPUS:
         root = tmp_path_factory.mktemp("corpus")
-        text = Path(shakespeare_file).read_text()
+        text = SHAKESPEARE.read_text()
         docs = make_docs(text)
         with open(root / "docs.jsonl", "w", encoding="utf-8") as f:
             for i, d in enumerate(docs):
@@ -67,7 +67,8 @@ def corpus(tiktoken_cache, shakespeare_file, tmp_path_factory, monkeypatch):
         table = pa.table({"id": list(range(len(docs))), "text": docs})
         pq.write_table(table, root / "docs.parquet", row_group_size=64)
         _CORPUS.update(docs=docs, jsonl=str(root / "docs.jsonl"), parquet=str(root / "docs.parquet"),
-                       cache=str(root / "hf_datasets"), root=root, shakespeare=text)
+                       cache=str(root / "hf_datasets"), root=root, shakespeare=text,
+                       tiktoken_gpt2=tiktoken_gpt2)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", Path(_CORPUS["cache"]))
     monkeypatch.setenv("HF_DATASETS_CACHE", _CORPUS["cache"])  # for subprocesses
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -130,10 +131,9 @@ def long_corpus(corpus):
 
 
 def reference_shards(docs, shard_size, max_tokens=None):
-    """The SPEC's algorithm, naively: one stream of [EOT] + tokens per document, cut every shard_size."""
-    import tiktoken
-
-    enc = tiktoken.get_encoding("gpt2")
+    """The reference's algorithm, naively: one stream of [EOT] + tokens per document (tokenized by
+    tiktoken's own "gpt2", which the corpus fixture builds), cut every shard_size."""
+    enc = _CORPUS["tiktoken_gpt2"]
     stream = []
     for d in docs:
         stream += [EOT] + enc.encode_ordinary(d)
@@ -184,12 +184,18 @@ def test_import_is_cheap_and_names_are_exported():
             "print(sorted(heavy))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+    # neither does its command line: it needs no trainer and no torch (the lecture's did not either)
+    code = ("import sys, contextlib, io, fineweb\nwith contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: fineweb.main(['--help'])\n    except SystemExit: pass\n"
+            "print(sorted({'torch', 'train_gpt2'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
     assert fineweb.LOCAL_DIR == str(REPO / "edu_fineweb10B")
     assert fineweb.shard_filename("val", 0) == "edufineweb_val_000000.npy"
     assert fineweb.shard_filename("train", 12) == "edufineweb_train_000012.npy"
 
 
-def test_token_that_does_not_fit_uint16_is_an_error(monkeypatch, tiktoken_cache):
+def test_token_that_does_not_fit_uint16_is_an_error(monkeypatch):
     class Enc:
         def encode_to_numpy(self, text, disallowed_special):
             return np.array([70000], dtype=np.uint32)
@@ -224,8 +230,7 @@ def test_shards_equal_the_reference(corpus, tmp_path, monkeypatch):
     assert [len(a) for a in arrays[:-1]] == [S] * (len(arrays) - 1) and 0 < len(arrays[-1]) <= S
     stream = np.concatenate(arrays)
     assert stream[0] == EOT and (stream == EOT).sum() == len(docs)
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    enc = _CORPUS["tiktoken_gpt2"]
     starts = np.flatnonzero(stream == EOT).tolist() + [len(stream)]
     decoded = [enc.decode(stream[a + 1:b].tolist()) for a, b in zip(starts, starts[1:])]
     assert decoded == docs
@@ -473,7 +478,7 @@ def test_file_without_text_column(tmp_path):
     one_line_error(result, "bad.parquet", "id", "content")
 
 
-def test_no_network_for_the_hub(monkeypatch, tmp_path, tiktoken_cache):
+def test_no_network_for_the_hub(monkeypatch, tmp_path):
     import datasets
 
     def offline(*args, **kwargs):
@@ -528,7 +533,7 @@ def test_help_shows_every_default_and_the_environment(capsys):
                           "--overwrite"}
     assert all("(default: " in h for h in helps.values()), helps
     assert "(default: 100000000)" in helps["--shard_size"] and "(default: 0)" in helps["--overwrite"]
-    for name in ("TIKTOKEN_CACHE_DIR", "HF_DATASETS_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
+    for name in ("HF_ENDPOINT", "HF_DATASETS_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
         assert name in environment
 
     # --overwrite: the bare flag, or 1/0 like train_gpt2.py's booleans
@@ -568,15 +573,12 @@ def test_local_dir_without_write_permission(tmp_path):
         folder.chmod(0o700)
 
 
-def test_old_tiktoken_or_datasets_is_one_clear_line(tmp_path, monkeypatch, tiktoken_cache):
+def test_old_tiktoken_or_datasets_is_one_clear_line(tmp_path, monkeypatch):
     import datasets
     import tiktoken
 
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
     args = ("--data_files", tmp_path / "d.jsonl", "--local_dir", tmp_path / "out")
-    with monkeypatch.context() as m:
-        m.setitem(sys.modules, "tiktoken_ext.openai_public", None)  # as if it were not there
-        assert "needs tiktoken >= 0.9.0" in error_of(*args)
     with monkeypatch.context() as m:
         m.delattr(tiktoken.Encoding, "encode_to_numpy")  # tiktoken < 0.9
         assert "needs tiktoken >= 0.9.0" in error_of(*args)

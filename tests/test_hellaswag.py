@@ -13,6 +13,7 @@ import torch
 from conftest import REPO, one_line_error, run
 from conftest import tiny_model as conftest_tiny_model
 
+import fineweb
 import hellaswag
 import train_gpt2
 
@@ -41,16 +42,10 @@ def one_thread():
 
 @lru_cache(maxsize=None)
 def val_rendered(n):
-    """The first n val examples, rendered (needs the tiktoken_cache and HELLASWAG_DIR set)."""
-    enc = train_gpt2.gpt2_tokenizer()
+    """The first n val examples, rendered (from the copy in assets/)."""
+    enc = fineweb.gpt2_encoding()
     return [hellaswag.render_example(e, enc)
             for e in itertools.islice(hellaswag.iterate_examples("val"), n)]
-
-
-@pytest.fixture
-def val_dir(hellaswag_val_file, monkeypatch):
-    monkeypatch.setenv("HELLASWAG_DIR", str(hellaswag_val_file.parent))
-    return hellaswag_val_file.parent
 
 
 def all_preds(model, rendered, **kw):
@@ -78,7 +73,13 @@ def test_data_dir_follows_env(tmp_path, monkeypatch):
     assert hellaswag.data_dir() == str(tmp_path)
 
 
-def test_iterate_val_label_counts(val_dir):
+def test_the_val_set_ships_with_the_repository(monkeypatch):
+    import requests
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the val set went to the network although it ships in assets/")
+    monkeypatch.setattr(requests, "get", no_network)
+    assert hellaswag.download("val").endswith("assets/hellaswag/hellaswag_val.jsonl.gz")
     examples = list(hellaswag.iterate_examples("val"))
     assert len(examples) == 10042
     assert Counter(e["label"] for e in examples) == {0: 2515, 1: 2485, 2: 2584, 3: 2458}
@@ -132,17 +133,17 @@ def test_download_without_network_says_where_to_put_the_file(tmp_path, monkeypat
     folder = tmp_path / "data"
     monkeypatch.setenv("HELLASWAG_DIR", str(folder))
     with pytest.raises(hellaswag.HellaSwagError) as err:
-        hellaswag.download("val")
+        hellaswag.download("test")  # val ships with the repository; test does not
     msg = str(err.value)
-    assert "hellaswag_val.jsonl" in msg and str(folder) in msg and "HELLASWAG_DIR" in msg
+    assert "hellaswag_test.jsonl" in msg and str(folder) in msg and "HELLASWAG_DIR" in msg
     assert "\n" not in msg and not folder.exists()  # one line; nothing half-written
 
 
 # -----------------------------------------------------------------------------
 # rendering
 
-def test_render_known_example(tiktoken_cache):
-    enc = train_gpt2.gpt2_tokenizer()
+def test_render_known_example():
+    enc = fineweb.gpt2_encoding()
     tokens, mask, label = hellaswag.render_example(GOOD, enc)
     ctx = enc.encode(GOOD["ctx"])
     endings = [enc.encode(" " + e) for e in GOOD["endings"]]
@@ -159,8 +160,8 @@ def test_render_known_example(tiktoken_cache):
         GOOD["ctx"] + " " + GOOD["endings"][0]
 
 
-def test_render_val_examples(tiktoken_cache, val_dir):
-    enc = train_gpt2.gpt2_tokenizer()
+def test_render_val_examples():
+    enc = fineweb.gpt2_encoding()
     examples = list(hellaswag.iterate_examples("val"))[:50]
     for example, (tokens, mask, label) in zip(examples, val_rendered(50)):
         ctx = enc.encode(example["ctx"])
@@ -173,7 +174,7 @@ def test_render_val_examples(tiktoken_cache, val_dir):
 
 
 @pytest.mark.slow
-def test_all_val_examples_pad_to_192(tiktoken_cache, val_dir):
+def test_all_val_examples_pad_to_192():
     """The one shape of every HellaSwag batch in training: the longest of the 10,042 val
     examples is 166 tokens, rounded up to a multiple of 32."""
     rendered = val_rendered(10042)
@@ -204,7 +205,7 @@ def naive_predict(model, tokens, mask):
 
 
 @pytest.mark.parametrize("vocab_size,n", [(1024, 300), (50257, 24)])
-def test_score_matches_naive_implementation(tiktoken_cache, val_dir, vocab_size, n):
+def test_score_matches_naive_implementation(vocab_size, n):
     model = tiny_model(vocab_size=vocab_size)
     rendered = fold(val_rendered(n), vocab_size)
     pred, pred_norm = all_preds(model, rendered, batch_size=16)
@@ -251,7 +252,7 @@ def test_score_on_hand_made_logits():
 # -----------------------------------------------------------------------------
 # batching and torch.compile
 
-def test_batched_equals_unbatched(tiktoken_cache, val_dir):
+def test_batched_equals_unbatched():
     model = tiny_model(seed=1, vocab_size=1024)
     rendered = fold(val_rendered(200), 1024)
     one = all_preds(model, rendered, batch_size=1)
@@ -264,7 +265,7 @@ def test_batched_equals_unbatched(tiktoken_cache, val_dir):
     assert hellaswag.evaluate(model, rendered, "cpu", batch_size=16) == expected
 
 
-def test_padding_passes_and_stopping(tiktoken_cache, val_dir, capsys):
+def test_padding_passes_and_stopping(capsys):
     """Extra passes of padding change no count (every rank of a run makes as many passes);
     should_stop, asked after every pass, ends the evaluation there with None; the progress
     bar counts examples."""
@@ -284,14 +285,14 @@ def test_padding_passes_and_stopping(tiktoken_cache, val_dir, capsys):
     assert "hellaswag" in err and "8/20" in err and "16/20" in err and "20/20" not in err
 
 
-def test_sequence_longer_than_block_size_is_an_error(tiktoken_cache, val_dir):
+def test_sequence_longer_than_block_size_is_an_error():
     model = tiny_model()
     with pytest.raises(hellaswag.HellaSwagError, match="block_size"):
         list(hellaswag.predict(model, val_rendered(20), "cpu", seq_len=288))
 
 
 @pytest.mark.slow
-def test_compiled_model_compiles_once(tiktoken_cache, val_dir):
+def test_compiled_model_compiles_once():
     from torch._dynamo.testing import CompileCounterWithBackend
     torch._dynamo.reset()
     model = tiny_model(seed=2)
@@ -319,19 +320,19 @@ def test_main_needs_exactly_one_model(capsys):
         assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
-def test_main_without_data_or_network(tiktoken_cache, tmp_path, monkeypatch, capsys):
+def test_main_without_data_or_network(tmp_path, monkeypatch, capsys):
     import requests
 
     def no_network(*args, **kwargs):
         raise requests.ConnectionError("no network")
     monkeypatch.setattr(requests, "get", no_network)
     monkeypatch.setenv("HELLASWAG_DIR", str(tmp_path))
-    assert hellaswag.main(["-m", "gpt2", "-d", "cpu"]) == 1
+    assert hellaswag.main(["-m", "gpt2", "-d", "cpu", "--split", "train"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and str(tmp_path) in err, err
 
 
-def test_main_prints_acc(tiktoken_cache, val_dir, monkeypatch, capsys):
+def test_main_prints_acc(monkeypatch, capsys):
     # -m gpt2 without Hugging Face: from_pretrained returns our tiny random model
     model = tiny_model(seed=3)
     monkeypatch.setattr(train_gpt2.GPT, "from_pretrained", classmethod(lambda cls, name: model))
@@ -343,7 +344,7 @@ def test_main_prints_acc(tiktoken_cache, val_dir, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_main_foreign_checkpoint_is_one_line_error(tiktoken_cache, val_dir, tmp_path):
+def test_main_foreign_checkpoint_is_one_line_error(tmp_path):
     path = tmp_path / "not_ours.pt"
     torch.save({"foo": 1}, path)
     one_line_error(run(["--checkpoint", str(path), "-d", "cpu", "--limit", "4"],

@@ -87,8 +87,7 @@ def test_every_option_says_what_it_does_and_its_default(script, monkeypatch):
         assert "(default:" in action.help or "(required)" in action.help, (name, action.help)
         if "0|1" == action.metavar:  # a boolean shows its default as 0 or 1
             assert re.search(r"\(default: [01]\)", action.help), (name, action.help)
-    reads_env = {"train_gpt2": ["TIKTOKEN_CACHE_DIR", "HELLASWAG_DIR"], "hellaswag": ["HELLASWAG_DIR"],
-                 "sample": ["TIKTOKEN_CACHE_DIR"], "export_hf": ["TIKTOKEN_CACHE_DIR"],
-                 "fineweb": ["TIKTOKEN_CACHE_DIR"]}
+    reads_env = {"train_gpt2": ["HELLASWAG_DIR"], "hellaswag": ["HELLASWAG_DIR", "HF_ENDPOINT"],
+                 "sample": ["HF_ENDPOINT"], "fineweb": ["HF_ENDPOINT", "HF_HUB_OFFLINE"]}
     for variable in reads_env.get(script, []):
         assert variable in (parser.epilog or ""), (script, variable)

@@ -203,7 +203,7 @@ def test_sigterm_before_the_first_step_exits_0(data, tmp_path):
     assert not checkpoint_names(log_dir) and log_text(log_dir) == ""
 
 
-def test_sigterm_during_hellaswag_saves_the_step_and_resumes_exactly(data, tmp_path, hella_env):
+def test_sigterm_during_hellaswag_saves_the_step_and_resumes_exactly(data, tmp_path):
     clean, log_dir = str(tmp_path / "clean"), str(tmp_path / "log")
     flags = dict(vocab_size=50304, block_size=128, max_steps=4, eval_interval=2, hellaswag=1,
                  hellaswag_limit=20, checkpoint_interval=100)  # 2 forward passes per evaluation

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import one_line_error, random_tokens, run, tiny_checkpoint, tiny_model
 
+import fineweb
 import sample
 import train_gpt2
 
@@ -38,15 +39,15 @@ def test_generate_same_tokens_with_and_without_kv_cache():
     assert len({tuple(row) for row in outs[0][:, 8:].tolist()}) > 1  # 4 different samples
 
 
-def test_sample_seed_and_empty_prompt(tmp_path, tiktoken_cache):
+def test_sample_seed_and_empty_prompt(tmp_path):
     _, model = tiny_checkpoint(tmp_path / "model.pt")
-    enc = train_gpt2.gpt2_tokenizer()
+    enc = fineweb.gpt2_encoding()
     assert not torch.equal(sample.sample(model, enc, PROMPT), sample.sample(model, enc, PROMPT, seed=43))
     # an empty prompt starts from <|endoftext|>
     assert sample.sample(model, enc, "", max_new_tokens=5)[:, 0].tolist() == [enc.eot_token] * 4
 
 
-def test_sample_main_deterministic(tmp_path, tiktoken_cache, capsys):
+def test_sample_main_deterministic(tmp_path, capsys):
     ckpt, _ = tiny_checkpoint(tmp_path / "model.pt")
     args = ["--checkpoint", ckpt, "--device", "cpu", "--num_samples", "3", "--max_new_tokens", "12"]
     outs = []
@@ -58,13 +59,13 @@ def test_sample_main_deterministic(tmp_path, tiktoken_cache, capsys):
     assert all(f"sample {i}: {PROMPT}" in outs[0] for i in range(3))
 
 
-def test_sample_never_emits_padding_tokens(tmp_path, tiktoken_cache):
+def test_sample_never_emits_padding_tokens(tmp_path):
     _, model = tiny_checkpoint(tmp_path / "model.pt", vocab_size=50304)
     with torch.no_grad():  # rig the model: the 47 padding tokens get by far the highest logits
         model.transformer.ln_f.weight.zero_()
         model.transformer.ln_f.bias.fill_(1.0)
         model.lm_head.weight[50257:] = 10.0
-    enc = train_gpt2.gpt2_tokenizer()
+    enc = fineweb.gpt2_encoding()
     idx = torch.tensor(enc.encode(PROMPT)).repeat(4, 1)
     unlimited = sample.generate(model, idx, 16, generator=torch.Generator().manual_seed(42))
     assert (unlimited[:, 8:] >= 50257).all()  # the rig works
@@ -73,7 +74,7 @@ def test_sample_never_emits_padding_tokens(tmp_path, tiktoken_cache):
     enc.decode(out[0].tolist())
 
 
-def test_sample_errors(tmp_path, tiktoken_cache, capsys):
+def test_sample_errors(tmp_path, capsys):
     ckpt, _ = tiny_checkpoint(tmp_path / "model.pt")  # block_size 64; the prompt is 8 tokens
     assert sample.main(["--checkpoint", ckpt, "--device", "cpu", "--max_new_tokens", "57"]) == 1
     err = capsys.readouterr().err

@@ -94,7 +94,7 @@ def test_two_processes_equal_one_process_and_mfu_is_per_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_run_evaluates_samples_and_agrees_with_eager(tmp_path, hella_env):
+def test_compiled_run_evaluates_samples_and_agrees_with_eager(tmp_path):
     """--compile 1 keeps val loss, HellaSwag and sampling on (the reference skipped them),
     compiles each shape once, and gives the eager model's numbers; the standalone
     hellaswag.py and sample.py agree with what training printed on the same checkpoint."""
@@ -126,7 +126,7 @@ def test_compiled_run_evaluates_samples_and_agrees_with_eager(tmp_path, hella_en
 
 
 @pytest.mark.slow
-def test_hellaswag_two_processes_count_like_one(tmp_path, hella_env):
+def test_hellaswag_two_processes_count_like_one(tmp_path):
     data = make_shards(tmp_path / "data")
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     common = dict(vocab_size=50304, max_steps=1, hellaswag=1, hellaswag_limit=9)
