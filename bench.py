@@ -24,7 +24,7 @@ Each rung adds its change to the rungs chosen before it: leave out 4 and rungs 5
 uncompiled. Rungs 1-4 use the explicit masked softmax, 5 on F.scaled_dot_product_attention.
 A change that does not exist on the device (TF32 and fused AdamW off CUDA) gets a row that
 says so and no timing. Per row: the median time of one optimizer step, tokens/s, MFU =
-tokens/s * train_gpt2.flops_per_token / peak (SPEC.md; "-" where the peak is unknown), the
+tokens/s * train_gpt2.flops_per_token / peak ("-" where the peak is unknown), the
 peak GPU memory, the speed-up over the first rung timed, and the loss of the last step (every
 rung starts from the same weights, vocab 50304 aside, and trains on the same tokens).
 """

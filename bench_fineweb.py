@@ -1,7 +1,8 @@
 """Tokens/s of fineweb.py against a plain per-document Pool.imap baseline, on the same corpus.
 
-A standalone script, not a test. The corpus is tiny shakespeare (the copy in assets/) cut into documents of about --doc_chars characters (FineWeb-Edu's
-documents average ~4.5k characters, ~1k tokens), replicated --copies times, written as jsonl.
+A standalone script, not a test. The corpus is tiny shakespeare (the copy in assets/) cut into
+documents of about --doc_chars characters (FineWeb-Edu's documents average ~4.5k characters,
+~1k tokens), replicated --copies times, written as jsonl.
 Both sides read it through the same datasets cache, tokenize with the same --num_proc pool and
 write shards of the same size; the shards must come out byte-identical.
 

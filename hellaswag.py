@@ -12,7 +12,7 @@ A small base model cannot answer a multiple-choice question, so we do what the l
 append each ending to the context, and ask which of the four the model finds most likely,
 i.e. has the lowest cross-entropy over the ending tokens. `acc` compares the sums, `acc_norm`
 the means (long endings are not punished for their length). The training loop reports
-acc_norm. With this method, on the 10,042 val examples (SPEC.md):
+acc_norm. With this method, on the 10,042 val examples:
 
     gpt2 (124M)     acc 0.2859   acc_norm 0.2955
     gpt2-xl (1.5B)  acc 0.3842   acc_norm 0.4893

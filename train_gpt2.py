@@ -235,7 +235,7 @@ class GPT(nn.Module):
 
 def load_tokens(filename):
     """One shard as a read-only memory map of uint16 token ids, (N,). The lecture turned each
-    shard into an int64 tensor (800 MB per rank per 100M-token shard, SPEC defect 4); a
+    shard into an int64 tensor (800 MB per rank per 100M-token shard); a
     memory map reads only the B*T+1 tokens of each batch from disk."""
     try:
         npt = np.load(filename, mmap_mode="r", allow_pickle=False)
@@ -251,10 +251,10 @@ class DataLoaderLite:
     """(B, T) batches of one split's shards. One process reads the lecture's stream: offsets 0,
     B*T, 2*B*T, ... into a shard, then the next shard, wrapping around after the last. Fixes:
     - N processes: rank r takes micro-batches r, r+N, ... of that stream, so no rank drops a
-      batch or runs ahead at a shard's end (defect 10), and N ranks see the tokens of one
+      batch or runs ahead at a shard's end (the lecture's did), and N ranks see the tokens of one
       process with N times the accumulation (in the step that crosses a shard's end, some
       ranks may read the old shard while others read the new one).
-    - shuffle=True: a fresh seeded order of the shards and of their batches every epoch (defect 9).
+    - shuffle=True: a fresh seeded order of the shards and of their batches every epoch.
     The position (epoch, current_shard, current_position) is every rank's, whatever N is."""
 
     def __init__(self, B, T, process_rank, num_processes, split, data_root=fineweb.LOCAL_DIR,
@@ -337,7 +337,7 @@ class DataLoaderLite:
 
 # -----------------------------------------------------------------------------
 # HellaSwag: the lecture's get_most_likely_row(tokens, mask, logits) is hellaswag.score(),
-# batched in fixed shapes, so that a compiled model evaluates too (defect 1)
+# batched in fixed shapes, so that a compiled model evaluates too (the lecture's skipped it)
 
 # -----------------------------------------------------------------------------
 # The learning rate: linear warmup, then cosine decay to 10% of the maximum (GPT-3, B.1)
@@ -467,7 +467,7 @@ def train(cfg, stop):
         if device == "cuda":
             device = f"cuda:{ddp_local_rank}"
             torch.cuda.set_device(device)
-        # the lecture's DDP needed CUDA (NCCL); gloo runs it on CPUs too (SPEC defect 5)
+        # the lecture's DDP needed CUDA (NCCL); gloo runs it on CPUs too
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     else:
         ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
@@ -509,7 +509,7 @@ def train(cfg, stop):
     dtype, dtype_why = pick_dtype(cfg.dtype, device)
     use_compile, compile_why = pick_compile(cfg.compile, device_type)
     if use_compile:
-        # evaluation and sampling use fixed shapes, so compile stays on for them (defect 1)
+        # evaluation and sampling use fixed shapes: compile stays on for them (the lecture's was off)
         model = torch.compile(model, dynamic=False)
     if ddp and cfg.fsdp:  # beyond the lecture: FSDP2 shards weights, gradients and AdamW state
         shard_model(raw_model)
@@ -564,7 +564,7 @@ def train(cfg, stop):
             with torch.no_grad():
                 val_loss_accum = torch.zeros((), device=device)
                 # val_steps micro-batches in all, rank r taking r, r+N, ...: the lecture took
-                # 20 per rank, so its val loss changed with the number of GPUs (defect 6).
+                # 20 per rank, so its val loss changed with the number of GPUs.
                 # Every rank makes as many passes (FSDP's are collectives); a spare one counts 0.
                 for i in range(ddp_rank, -(-cfg.val_steps // ddp_world_size) * ddp_world_size, ddp_world_size):
                     x, y = val_loader.next_batch()
@@ -573,7 +573,7 @@ def train(cfg, stop):
                         logits, loss = model(x, y)
                     val_loss_accum += loss.detach() / cfg.val_steps * (i < cfg.val_steps)
             if ddp:
-                dist.all_reduce(val_loss_accum, op=dist.ReduceOp.SUM)  # gloo has no AVG (defect 5)
+                dist.all_reduce(val_loss_accum, op=dist.ReduceOp.SUM)  # gloo has no AVG
             val_loss = val_loss_accum.item()
             log(f"validation loss: {val_loss:.4f}")
             write_log(f"{step} val {val_loss:.4f}")
@@ -611,7 +611,7 @@ def train(cfg, stop):
             tokens = torch.tensor(tokens, dtype=torch.long)
             tokens = tokens.unsqueeze(0).repeat(num_return_sequences, 1)  # (4, 8)
             # a fixed (4, 32) buffer, filled left to right: the model sees one shape, so it
-            # compiles once (the lecture's growing xgen recompiled at every length, defect 1).
+            # compiles once (the lecture's growing xgen recompiled at every length).
             # Causal attention: the zeros right of position t cannot change the logits at t.
             xgen = torch.zeros(num_return_sequences, max_length, dtype=torch.long, device=device)
             xgen[:, :tokens.size(1)] = tokens
@@ -1173,7 +1173,7 @@ def parse_args(argv=None):
         preset = "".join(f" or {name}'s" for name, keys in (("--model", by_model), ("--demo", DEMO))
                          if f.name in keys)
         parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
-                            **(dict(nargs="?", const=True) if kind is fineweb.str2bool else {}),  # --demo = --demo 1
+                            **(dict(nargs="?", const=True) if kind is fineweb.str2bool else {}),  # --demo: 1
                             metavar="0|1" if kind is fineweb.str2bool else f.name.upper(),
                             help=f"{f.metadata['help']} (default: {default}{preset})".replace("%", "%%"))
     given = vars(parser.parse_args(argv))  # only the flags on the command line

@@ -37,8 +37,8 @@ def pytest_configure(config):
 # the oracle of the tokenizer
 
 # the URLs tiktoken's own "gpt2" constructor downloads, and the files in assets/ they hold
-TIKTOKEN_URLS = {"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe": "vocab.bpe",
-                 "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json": "encoder.json"}
+OPENAI = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+TIKTOKEN_URLS = {OPENAI + "vocab.bpe": "vocab.bpe", OPENAI + "encoder.json": "encoder.json"}
 
 
 @pytest.fixture(scope="session")

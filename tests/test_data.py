@@ -1,5 +1,5 @@
 """Tests for train_gpt2.py's DataLoaderLite: the reference's batches with one process (against
-a naive loader written from SPEC.md), the same stream interleaved across ranks, shuffling,
+a naive loader written from the lecture's description), the same stream interleaved across ranks, shuffling,
 saving and restoring the position, and the errors for bad shards."""
 import json
 
@@ -30,7 +30,7 @@ def write_shards(root, lengths=SHARD_LENGTHS, seed=0):
 
 
 class ReferenceLoader:
-    """SPEC.md's loader, literally: rank r starts at B*T*r, reads B*T+1 tokens, advances by
+    """The lecture's loader, literally: rank r starts at B*T*r, reads B*T+1 tokens, advances by
     B*T*num_processes, and moves to the next shard (wrapping around) when
     pos + B*T*num_processes + 1 > len."""
 

@@ -238,6 +238,12 @@ CASES = [
     # --- plot_log.py
     case(P, ["{tmp}/log.txt"], OURS, "log.txt does not exist", id="plot-missing-log"),
     case(P, ["{tmp}/log.txt", "--smooth", "2"], ARGPARSE, "--smooth", "[0, 1)", id="plot-smooth-2"),
+    case(P, ["{short}"], OURS, "short.pt is not a log.txt", "binary data", id="plot-a-checkpoint"),
+    # --- no script takes a prefix of a flag for the flag (argparse's allow_abbrev)
+    case(T, ["--max_step", "5"], ARGPARSE, "unrecognized arguments: --max_step", id="train-abbrev"),
+    case(F, ["--max_token", "5"], ARGPARSE, "unrecognized arguments: --max_token", id="fineweb-abbrev"),
+    case(S, ["--checkpoint", "{short}", "--temp", "2"], ARGPARSE, "unrecognized arguments: --temp",
+         id="sample-abbrev"),
 
     # --- fineweb.py
     case(F, ["--local_dir", "{tmp}/out", "--max_tokens", "0"], OURS, "--max_tokens must be >= 1",

@@ -13,7 +13,7 @@ from conftest import REPO
 import train_gpt2
 
 SCRIPTS = ["train_gpt2", "fineweb", "hellaswag", "sample", "bench", "export_hf", "plot_log", "bench_fineweb"]
-LECTURE_LINES = 521  # the lecture's train_gpt2.py (SPEC.md)
+LECTURE_LINES = 521  # the lecture's train_gpt2.py
 
 
 def parts():

@@ -50,7 +50,7 @@ def test_parameter_count_124m(gpt124m):
 # 2. init
 
 def test_init_statistics_124m(gpt124m):
-    resid_std = 0.00408  # 0.02 / sqrt(2 * 12 layers), SPEC.md
+    resid_std = 0.00408  # 0.02 / sqrt(2 * 12 layers), the lecture's scaled init
     counts = dict(residual=0, linear=0, bias=0, layernorm=0, embedding=0)
     for name, module in gpt124m.named_modules():
         if isinstance(module, nn.Linear):

@@ -76,3 +76,24 @@ def test_plot_errors(tmp_path, capsys):
     assert not (tmp_path / "empty" / "log.png").exists()
     one_line_error(run([empty, "--smooth", "1.5"], script="plot_log.py", check=False),
                    "--smooth", rc=2)
+
+
+def test_the_loss_axis_fits_the_run():
+    def run_of(losses):
+        return [("run", {"train": (list(range(len(losses))), losses), "val": ([], []), "hella": ([], [])})]
+    short = [10.9 - 4.5 * i / 149 for i in range(150)]  # a short run: 10.9 -> 6.4
+    low, high, reference = plot_log.loss_axis(run_of(short))
+    assert not reference and low == pytest.approx(6.3) and high == pytest.approx(short[3] + 0.1)
+    full = [11.0] + [3.35 + 2.0 / (1 + i / 500) for i in range(19072)]  # the full run: 11 -> 3.4
+    low, high, reference = plot_log.loss_axis(run_of(full))
+    assert reference and low == pytest.approx(plot_log.GPT2_VAL_LOSS - 0.1)
+    assert high < 5.0  # step 0's 11 does not flatten the curve
+    nan = plot_log.loss_axis(run_of([float("nan"), float("inf")]))
+    assert nan == (None, None, False)
+
+
+def test_a_run_folder_stands_for_its_log(tmp_path, capsys):
+    write_log(tmp_path / "log_demo" / "log.txt", LOG)
+    assert plot_log.main([str(tmp_path / "log_demo")]) == 0
+    assert (tmp_path / "log_demo" / "log.png").stat().st_size > 10_000
+    assert "log_demo: min train loss 3.9000" in capsys.readouterr().out
