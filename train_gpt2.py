@@ -787,10 +787,8 @@ DEMO_SHARD_SIZE = 32768  # tokens per shard of tiny shakespeare's 338,026
 
 
 def write_demo_shards(cfg):
-    """--demo's data: tiny shakespeare's shards, written by fineweb.py's own code on first use
-    (on a node's first process; the others wait for it). Later runs find them done."""
-    if cfg.data_root != DEMO["data_root"]:
-        return  # --demo --data_root DIR: the demo's model on other shards
+    """--demo's data: tiny shakespeare's shards in --data_root, written by fineweb.py's own code
+    on first use (by a node's first process; the others wait for it). Later runs find them done."""
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         fineweb.main(["--data_files", fineweb.asset_path("tinyshakespeare", "input.txt"), "--local_dir",
                       cfg.data_root, "--shard_size", str(DEMO_SHARD_SIZE), "--num_proc", "1"])
