@@ -1216,8 +1216,8 @@ class RunLog:
                                     name=cfg.wandb_run_name or os.path.basename(os.path.abspath(cfg.log_dir)),
                                     id=saved.get("id"), resume="allow" if saved else None)
         except wandb.errors.Error as e:
-            raise UserError(f"--wandb {cfg.wandb}: {str(e).splitlines()[0]} Or set WANDB_MODE=offline, and "
-                            "upload the run later with `wandb sync`") from None
+            raise UserError(f"--wandb {cfg.wandb}: {str(e).splitlines()[0].rstrip('.')}; or set "
+                            "WANDB_MODE=offline, and upload the run later with `wandb sync`") from None
         state = dict(id=self.wandb.id, project=cfg.wandb, sent_through=sent)
         fineweb.write_atomic(path, lambda f: f.write(json.dumps(state).encode()))
         if sent >= self.start_step:

@@ -12,11 +12,12 @@ from conftest import (KILL_PRELUDE, make_shards, one_line_error, read_log, read_
 
 import train_gpt2
 
-# a SIGTERM during the 3rd optimizer step: the run finishes step 2, saves model_00003.pt, stops
-SIGTERM_AT_STEP_2 = ("import os, signal, train_gpt2\nreal, calls = train_gpt2.train_step, [0]\n"
-                     "def train_step(*a):\n    calls[0] += 1\n    if calls[0] == 3:\n"
-                     "        os.kill(os.getpid(), signal.SIGTERM)\n    return real(*a)\n"
-                     "train_gpt2.train_step = train_step\n")
+# a SIGTERM in the 3rd HellaSwag forward pass (2 per evaluation): the first of step 4's, after
+# its val loss; the run saves model_00004.pt and stops
+SIGTERM_IN_HELLASWAG = ("import os, signal, hellaswag\nreal, calls = hellaswag.score, [0]\n"
+                        "def score(*a):\n    calls[0] += 1\n    if calls[0] == 3:\n"
+                        "        os.kill(os.getpid(), signal.SIGTERM)\n    return real(*a)\n"
+                        "hellaswag.score = score\n")
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
@@ -62,26 +63,29 @@ def test_time_left_is_a_running_mean_of_recent_steps_plus_the_evaluations_left(t
 
 @pytest.mark.slow
 def test_stopped_and_resumed_run_logs_every_step_once_to_wandb_and_tensorboard(data, tmp_path, hella_env):
-    """A run stopped by SIGTERM after step 2 and resumed: the two offline wandb runs are one run
-    (one id) holding each step's train values once, and val, HellaSwag and samples at every
-    evaluation; TensorBoard holds the same points; all equal log.txt's."""
+    """A run stopped by SIGTERM in step 4's HellaSwag evaluation, after its val loss, and
+    resumed: the two offline wandb runs are one run (one id) holding each step's train values
+    once, and val, HellaSwag and samples at every evaluation (step 4's val loss once: wandb
+    gets a step's values together at its end); TensorBoard holds the same points (the stopped
+    run's val loss of step 4 purged); all equal log.txt's."""
     pytest.importorskip("wandb", reason="pip install wandb (.ci/run installs it)")
     pytest.importorskip("tensorboard", reason="pip install tensorboard (.ci/run installs it)")
     log_dir = str(tmp_path / "log")
-    flags = dict(vocab_size=50304, block_size=128, hellaswag=1, hellaswag_limit=8, sample=1,
+    flags = dict(vocab_size=50304, block_size=128, hellaswag=1, hellaswag_limit=20, sample=1,
                  peak_tflops=1e-4, wandb="tiny", tensorboard=1)  # evaluations at 0, 4, 7
-    p = run(tiny_args(data, log_dir, **flags), prelude=SIGTERM_AT_STEP_2, env=OFFLINE)
-    assert "stopped by a signal after step 2" in p.stdout
+    p = run(tiny_args(data, log_dir, **flags), prelude=SIGTERM_IN_HELLASWAG, env=OFFLINE)
+    assert "stopped by a signal during the HellaSwag evaluation of step 4" in p.stdout
+    assert (4, "val") in [(s, k) for s, k, _ in read_log(log_dir)]
     p2 = run(tiny_args(data, log_dir, resume="auto", **flags), env=OFFLINE)
-    assert "at step 3" in p2.stdout and "may already hold" not in p2.stdout
+    assert "at step 4" in p2.stdout and "may already hold" not in p2.stdout
     rows = read_log(log_dir)
     assert [s for s, _ in points(rows, "train")] == list(range(8))
 
     # the console: the time left on every step line, and how long each evaluation took
     out = p.stdout + p2.stdout
     assert len(re.findall(r"^step +\d+ \|.* \| mfu [\d.]+% \| eta (-|\d+s|\d+m\d\ds)$", out, re.M)) == 8
-    assert len(re.findall(r"^validation loss: \d+\.\d{4} \(\d+\.\ds\)$", out, re.M)) == 3
-    assert len(re.findall(r"^HellaSwag accuracy: \d+/8=\d\.\d{4} \(\d+\.\ds\)$", out, re.M)) == 3
+    assert len(re.findall(r"^validation loss: \d+\.\d{4} \(\d+\.\ds\)$", out, re.M)) == 4  # 4 twice
+    assert len(re.findall(r"^HellaSwag accuracy: \d+/20=\d\.\d{4} \(\d+\.\ds\)$", out, re.M)) == 3
     assert len(re.findall(r"^4 samples \(\d+\.\ds\):\nrank 0 sample 0: ", out, re.M)) == 2  # steps 4, 7
 
     runs = read_wandb(log_dir)
