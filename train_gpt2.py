@@ -226,8 +226,7 @@ class GPT(nn.Module):
         use_fused = device_type == "cuda"
         # betas and eps from GPT-3 (appendix B); the lecture printed the groups here, the
         # training loop prints them (no global master_process read inside a method)
-        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                 fused=use_fused)
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=use_fused)
 
 
 # -----------------------------------------------------------------------------
@@ -398,6 +397,9 @@ class TrainConfig:
     hellaswag: bool = flag(True, "HellaSwag accuracy (acc_norm) at every evaluation")
     hellaswag_limit: int = flag(0, "only the first N HellaSwag examples (0: all 10,042)", low=0)
     sample: bool = flag(True, "print 4 samples per process at every evaluation but step 0's")
+    wandb: str = flag("", "log to Weights & Biases in this project (none: off); pip install wandb")
+    wandb_run_name: str = flag("", "the wandb run's name (none: the log folder's name)")
+    tensorboard: bool = flag(False, "log to TensorBoard in <log_dir>/tb; pip install tensorboard")
     checkpoint_interval: int = flag(5000, "steps between checkpoints; one more before and one after the last step", low=1)
     keep_checkpoints: int = flag(0, "keep only the newest N checkpoints (0: keep all)", low=0)
     resume: str = flag("", "auto: the newest checkpoint in log_dir, or a checkpoint's path; none: start fresh")
@@ -524,8 +526,7 @@ def train(cfg, stop):
     # beyond the lecture: continue a run from its checkpoint (weights, optimizer, loader, RNG)
     start_step = maybe_resume(cfg, raw_model, optimizer, scaler, train_loader, log)
     # HellaSwag: render the val examples once; each rank keeps its share (example i: rank i % N)
-    if cfg.hellaswag:
-        hella = load_hellaswag(cfg, enc, ddp_rank, ddp_world_size)
+    hella = load_hellaswag(cfg, enc, ddp_rank, ddp_world_size) if cfg.hellaswag else None
 
     # print the derived quantities once
     log(f"total batch {total_batch_size:,} tokens = {B} x {T} tokens x {ddp_world_size} "
@@ -534,15 +535,9 @@ def train(cfg, stop):
                         optimizer, train_loader, val_loader, ddp_world_size, log)
     flops = flops_per_token(raw_model, T)  # per token, for MFU
 
-    # the log file: "{step} train|val|hella {value}" lines, as the lecture writes them
+    # the log file: "{step} train|val|hella {value}" lines, as the lecture writes them (and wandb, TensorBoard)
     log_file = os.path.join(cfg.log_dir, "log.txt")
-    if master_process:
-        prepare_log_dir(cfg, start_step)  # beyond the lecture: config.json, trim after a resume
-
-    def write_log(line):
-        if master_process:
-            with open(log_file, "a") as f:
-                f.write(line + "\n")
+    run_log = RunLog(cfg, log_file, start_step, master_process)  # beyond the lecture: rank 0 writes them
 
     def checkpoint(step, val_loss=None):  # the state before optimizer step `step`
         save_checkpoint(cfg, step, raw_model, optimizer, scaler, train_loader, val_loss,
@@ -559,6 +554,7 @@ def train(cfg, stop):
         # once in a while evaluate our validation loss
         val_loss = None
         if evaluate:
+            t_eval = time.time()  # beyond the lecture: each evaluation says how long it took
             model.eval()
             val_loader.reset()
             with torch.no_grad():
@@ -574,9 +570,9 @@ def train(cfg, stop):
                     val_loss_accum += loss.detach() / cfg.val_steps * (i < cfg.val_steps)
             if ddp:
                 dist.all_reduce(val_loss_accum, op=dist.ReduceOp.SUM)  # gloo has no AVG
-            val_loss = val_loss_accum.item()
-            log(f"validation loss: {val_loss:.4f}")
-            write_log(f"{step} val {val_loss:.4f}")
+            val_loss, eval_time = val_loss_accum.item(), time.time() - t_eval
+            log(f"validation loss: {val_loss:.4f} ({eval_time:.1f}s)")
+            run_log.val(step, val_loss, eval_time)
 
         # every checkpoint_interval steps and at the last step: the state before this step
         if step > 0 and (step % cfg.checkpoint_interval == 0 or last_step) and step != start_step:
@@ -584,26 +580,27 @@ def train(cfg, stop):
 
         # once in a while evaluate hellaswag
         if cfg.hellaswag and evaluate:
+            t_eval = time.time()
             model.eval()
             counts = hellaswag.evaluate(model, hella["examples"], device, seq_len=hella["seq_len"],
                                         num_batches=hella["num_batches"], autocast_dtype=dtype,
                                         progress=master_process, should_stop=lambda: stop.vote(ddp, device))
             if counts is None:  # a signal during the evaluation: save the state before this step
                 checkpoint(step)
-                log(f"stopped by a signal during the HellaSwag evaluation of step {step}; "
-                    "continue with --resume auto")
+                log(f"stopped by a signal during the HellaSwag evaluation of step {step}; continue with --resume auto")
                 break
             # reduce the stats across all processes
             counts = torch.tensor(counts[1:], dtype=torch.long, device=device)
             if ddp:
                 dist.all_reduce(counts, op=dist.ReduceOp.SUM)
             num_correct_norm, num_total = counts.tolist()
-            acc_norm = num_correct_norm / num_total
-            log(f"HellaSwag accuracy: {num_correct_norm}/{num_total}={acc_norm:.4f}")
-            write_log(f"{step} hella {acc_norm:.4f}")
+            acc_norm, eval_time = num_correct_norm / num_total, time.time() - t_eval
+            log(f"HellaSwag accuracy: {num_correct_norm}/{num_total}={acc_norm:.4f} ({eval_time:.1f}s)")
+            run_log.hella(step, acc_norm, eval_time)
 
         # once in a while generate from the model (except step 0, which is noise)
         if cfg.sample and evaluate and step > 0:
+            t_eval = time.time()
             model.eval()
             num_return_sequences = 4
             max_length = 32
@@ -635,10 +632,13 @@ def train(cfg, stop):
                     ix = torch.multinomial(topk_probs, 1, generator=sample_rng)  # (B, 1)
                     # gather the corresponding indices and write them at position t
                     xgen[:, t] = torch.gather(topk_indices, -1, ix).squeeze(-1)
-            # print the generated text
+            # print the generated text, after how long it took (rank 0's also go to wandb, TensorBoard)
+            decoded = [enc.decode(xgen[i, :max_length].tolist()) for i in range(num_return_sequences)]
+            eval_time = time.time() - t_eval
+            log(f"{num_return_sequences} samples ({eval_time:.1f}s):")
+            run_log.samples(step, decoded, eval_time)
             for i in range(num_return_sequences):
-                decoded = enc.decode(xgen[i, :max_length].tolist())
-                print(f"rank {ddp_rank} sample {i}: {decoded}")
+                print(f"rank {ddp_rank} sample {i}: {decoded[i]}")
 
         # do one step of the optimization; t0 here, not at the top of the loop as in the
         # lecture, so that dt is the step alone and not the evaluations before it
@@ -659,10 +659,10 @@ def train(cfg, stop):
         tokens_processed = B * T * grad_accum_steps * ddp_world_size
         tokens_per_sec = tokens_processed / dt  # all processes together
         # MFU per GPU: each GPU's share of the tokens against one GPU's peak
-        mfu_text = f" | mfu {100 * mfu(tokens_per_sec / ddp_world_size, flops, peak):.1f}%" if peak else ""
-        log(f"step {step:5d} | loss {loss_accum:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-            f"dt: {dt * 1000:.2f}ms | tok/sec: {tokens_per_sec:.2f}{mfu_text}")
-        write_log(f"{step} train {loss_accum:.6f}")
+        step_mfu = mfu(tokens_per_sec / ddp_world_size, flops, peak) if peak else None
+        eta = run_log.train(step, loss_accum, lr, norm, dt, tokens_per_sec, step_mfu)  # and the time left
+        log(f"step {step:5d} | loss {loss_accum:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt: {dt * 1000:.2f}ms | "
+            f"tok/sec: {tokens_per_sec:.2f}{f' | mfu {100 * step_mfu:.1f}%' if peak else ''} | eta {eta}")
         if stop_votes > 0 and not last_step:  # SIGTERM (preemption) or Ctrl-C: save, stop
             checkpoint(step + 1)
             log(f"stopped by a signal after step {step}; continue with --resume auto")
@@ -670,12 +670,12 @@ def train(cfg, stop):
     else:
         # the loop ran to the end: also keep the trained weights, after the last step
         checkpoint(cfg.max_steps)
-    # main() destroys the process group, also when an error ended the run
+    run_log.close()  # wandb and TensorBoard write their last points; main() destroys the process group
 
 
 # =============================================================================
 # Beyond the lecture: devices and dtypes, checkpoints and exact resume, signals, the log
-# folder, command-line parsing and checks, MFU, main()
+# folder, wandb and TensorBoard, the time left, command-line parsing and checks, MFU, main()
 # =============================================================================
 
 # -----------------------------------------------------------------------------
@@ -1104,7 +1104,7 @@ def maybe_resume(cfg, raw_model, optimizer, scaler, train_loader, log):
 # -----------------------------------------------------------------------------
 # The log folder: what a fresh start may overwrite, and the log after a resume
 
-OUR_FILES = re.compile(r"(model_\d+\.pt|log\.txt|config\.json)(\.tmp)?")
+OUR_FILES = re.compile(r"(model_\d+\.pt|log\.txt|config\.json|wandb_run\.json)(\.tmp)?")
 
 
 def check_log_dir(cfg):
@@ -1133,7 +1133,8 @@ def check_log_dir(cfg):
 def prepare_log_dir(cfg, start_step):
     """config.json (this start's flags), and log.txt: emptied by a fresh start (as the lecture),
     cut back to the resumed step otherwise (a killed run may have logged past it). Stale .tmp
-    files of killed writes are removed. Every rewrite is atomic."""
+    files of killed writes are removed. Every rewrite is atomic. Returns the last step whose
+    train loss the old log.txt held (-1: none): how far the stopped run got."""
     os.makedirs(cfg.log_dir, exist_ok=True)
     for name in os.listdir(cfg.log_dir):
         if name.endswith(".tmp") and OUR_FILES.fullmatch(name):
@@ -1141,12 +1142,171 @@ def prepare_log_dir(cfg, start_step):
     fineweb.write_atomic(os.path.join(cfg.log_dir, "config.json"),
                          lambda f: f.write(json.dumps(dataclasses.asdict(cfg), indent=1).encode()))
     log_file = os.path.join(cfg.log_dir, "log.txt")
-    lines = []
+    old = []
     if start_step > 0 and os.path.exists(log_file):
-        with open(log_file) as f:  # keep whole lines of the steps before start_step
-            lines = [l for l in f if l.endswith("\n") and l.split(" ", 1)[0].isdigit()
-                     and int(l.split(" ", 1)[0]) < start_step]
+        with open(log_file) as f:  # whole lines only
+            old = [l for l in f if l.endswith("\n") and l.split(" ", 1)[0].isdigit()]
+    lines = [l for l in old if int(l.split(" ", 1)[0]) < start_step]  # the steps before start_step
     fineweb.write_atomic(log_file, lambda f: f.write("".join(lines).encode()))
+    return max([int(l.split()[0]) for l in old if l.split()[1:2] == ["train"]], default=-1)
+
+
+# -----------------------------------------------------------------------------
+# The run's log: log.txt, and where asked Weights & Biases and TensorBoard; the time left
+
+WANDB_RUN = "wandb_run.json"  # the id of the log folder's wandb run, which --resume continues
+
+
+def require_packages(cfg):
+    """--wandb and --tensorboard need packages that requirements.txt leaves out: rank 0 (the
+    only process that logs) imports them at the start, or says in one line how to get them."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    for on, flag, package, module in [(cfg.wandb, "--wandb", "wandb", "wandb"),
+                                      (cfg.tensorboard, "--tensorboard 1", "tensorboard", "torch.utils.tensorboard")]:
+        if on:
+            try:
+                __import__(module)
+            except ImportError as e:
+                raise UserError(f"{flag} needs the {package} package ({e}): pip install {package}") from None
+
+
+def format_duration(seconds):
+    """1h52m, 4m07s, 37s."""
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def code_block(text):
+    """Text that TensorBoard's Markdown shows as it is."""
+    return "    " + text.replace("\n", "\n    ")
+
+
+class RunLog:
+    """What rank 0 logs, one method per event of the loop (on the other ranks it writes
+    nothing). log.txt gets the lecture's line of each event at once. --tensorboard 1: every
+    value goes to <log_dir>/tb at once, flushed at the end of each step, so that a killed run
+    keeps all it logged. --wandb: one row per step, the step's evaluations and its training
+    values together, sent at the end of the step; a step stopped during its evaluation is thus
+    sent once, by the run that finishes it.
+
+    train() returns the time left: the mean of the last 50 step times (the evaluations are not
+    in them, nor the first step of a start, which compiles) times the steps left, plus the time
+    of the latest evaluation times the evaluations left."""
+
+    def __init__(self, cfg, log_file, start_step, master_process):
+        self.cfg, self.log_file, self.on, self.start_step = cfg, log_file, master_process, start_step
+        self.step_times, self.eval_time, self.last_eval_time = [], 0.0, 0.0
+        self.row, self.wandb, self.wandb_from, self.tb = {}, None, start_step, None
+        if not master_process:
+            return
+        stopped_at = prepare_log_dir(cfg, start_step)
+        if cfg.wandb:
+            self._start_wandb(stopped_at)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step: TensorBoard hides what an earlier run of this folder logged from the
+            # resumed step on (everything, at a fresh start), as log.txt is cut back
+            self.tb = SummaryWriter(os.path.join(cfg.log_dir, "tb"), purge_step=start_step)
+            self.tb.add_text("config", code_block(json.dumps(dataclasses.asdict(cfg), indent=1)), start_step)
+            self.tb.flush()
+
+    def _start_wandb(self, stopped_at):
+        """The log folder's wandb run: a new one at a fresh start; when resumed, the same one,
+        its id kept in wandb_run.json (beside the run's other files, rather than in the
+        checkpoints: one id for every checkpoint of the run, and none for --init_from to carry
+        into another run). A wandb run takes each step once and in increasing order, so a
+        resumed run does not send the steps that the stopped one may have sent after its
+        checkpoint (it recomputes the same values): it starts after the last of them."""
+        import wandb
+        cfg, path = self.cfg, os.path.join(self.cfg.log_dir, WANDB_RUN)
+        saved = {}
+        if self.start_step > 0 and os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+        if saved.get("project") != cfg.wandb:  # another project: another run
+            saved = {}
+        # the last step that any earlier process of this wandb run may have sent
+        sent = max(stopped_at, saved.get("sent_through", -1)) if saved else -1
+        try:
+            self.wandb = wandb.init(project=cfg.wandb, dir=cfg.log_dir, config=dataclasses.asdict(cfg),
+                                    name=cfg.wandb_run_name or os.path.basename(os.path.abspath(cfg.log_dir)),
+                                    id=saved.get("id"), resume="allow" if saved else None)
+        except wandb.errors.Error as e:
+            raise UserError(f"--wandb {cfg.wandb}: {str(e).splitlines()[0].rstrip('.')}; or set "
+                            "WANDB_MODE=offline, and upload the run later with `wandb sync`") from None
+        state = dict(id=self.wandb.id, project=cfg.wandb, sent_through=sent)
+        fineweb.write_atomic(path, lambda f: f.write(json.dumps(state).encode()))
+        if sent >= self.start_step:
+            self.wandb_from = sent + 1
+            print(f"wandb: run {self.wandb.id} may already hold steps {self.start_step}-{sent}, sent by the "
+                  f"stopped run after its checkpoint; wandb takes a run's steps in increasing order only, so "
+                  f"this run sends from step {sent + 1} on (it recomputes the same values for those steps)")
+
+    def _write(self, line):
+        if self.on:
+            with open(self.log_file, "a") as f:
+                f.write(line + "\n")
+
+    def _add(self, step, values):
+        if self.tb:
+            for tag, value in values.items():
+                self.tb.add_scalar(tag, value, step)
+        self.row.update(values)
+
+    def val(self, step, loss, seconds):
+        self._write(f"{step} val {loss:.4f}")
+        self._add(step, {"val/loss": loss})
+        self.eval_time += seconds
+
+    def hella(self, step, acc_norm, seconds):
+        self._write(f"{step} hella {acc_norm:.4f}")
+        self._add(step, {"hellaswag/acc_norm": acc_norm})
+        self.eval_time += seconds
+
+    def samples(self, step, texts, seconds):
+        if self.tb:
+            self.tb.add_text("samples", "\n\n".join(code_block(t) for t in texts), step)
+        if self.wandb:
+            import wandb
+            self.row["samples"] = wandb.Table(columns=["step", "sample"], data=[[step, t] for t in texts])
+        self.eval_time += seconds
+
+    def train(self, step, loss, lr, norm, dt, tokens_per_sec, mfu):
+        """Logs the step and returns the time left, e.g. 1h52m."""
+        self._write(f"{step} train {loss:.6f}")
+        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm,
+                  "train/tokens_per_sec": tokens_per_sec}
+        self._add(step, values if mfu is None else {**values, "train/mfu": mfu})
+        if self.wandb and step >= self.wandb_from:
+            self.wandb.log(self.row, step=step, commit=True)
+        if self.tb:
+            self.tb.flush()
+        self.row = {}
+        return self._time_left(step, dt)
+
+    def _time_left(self, step, dt):
+        if self.eval_time:  # this step evaluated
+            self.last_eval_time, self.eval_time = self.eval_time, 0.0
+        if step > self.start_step:
+            self.step_times = self.step_times[-49:] + [dt]
+        last, k = self.cfg.max_steps - 1, self.cfg.eval_interval
+        if step == last:
+            return "0s"
+        if not self.step_times:
+            return "-"
+        evals_left = last // k - step // k + (last % k != 0)  # steps s > step: s % k == 0, and the last
+        steps_left = last - step
+        return format_duration(sum(self.step_times) / len(self.step_times) * steps_left
+                               + self.last_eval_time * evals_left)
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
+        if self.tb:
+            self.tb.close()
 
 
 # -----------------------------------------------------------------------------
@@ -1213,6 +1373,7 @@ def check_config(cfg):
                         "torchrun --nproc_per_node=N (N > 1), or leave it off")
     if not cfg.log_dir or not cfg.data_root:
         raise UserError("--log_dir and --data_root must not be empty")
+    require_packages(cfg)
 
 
 # -----------------------------------------------------------------------------

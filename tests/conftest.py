@@ -8,6 +8,7 @@ the suite runs as on a fresh clone.
 Tests that start subprocesses or compile are marked `slow`: `pytest -m "not slow"` gives
 quick feedback.
 """
+import functools
 import json
 import os
 import subprocess
@@ -184,6 +185,66 @@ def one_line_error(p, *needles, rc=None):
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+# -----------------------------------------------------------------------------
+# reading back what --wandb (offline) and --tensorboard wrote
+
+def read_wandb(log_dir):
+    """The offline wandb runs that train_gpt2.py wrote in log_dir/wandb, oldest first: dicts of
+    id, dir, history ([{key: value}], one row per step) and, once wandb wrote the run's record,
+    resumed and config ({key: value}).
+    The .wandb file is wandb's transaction log: a 7-byte header (":W&B", magic, version), then
+    LevelDB's log format (32 KiB blocks of records, each with a 7-byte header: CRC, length,
+    type 1 full, 2 first, 3 middle, 4 last), each record a wandb_internal_pb2.Record."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+    runs = []
+    for path in sorted(Path(log_dir, "wandb").glob("offline-run-*/run-*.wandb")):  # by start time
+        data, pos, chunk = path.read_bytes(), 7, b""
+        run = dict(id=path.stem[len("run-"):], dir=path.parent, history=[])
+        assert data[:4] == b":W&B", path
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header: zeros
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if kind == 0:  # the rest of the file is unwritten
+                break
+            chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(chunk)
+                chunk = b""
+                if record.HasField("run"):
+                    assert record.run.run_id == run["id"], path
+                    run.update(resumed=record.run.resume,
+                               config={u.key: json.loads(u.value_json) for u in record.run.config.update})
+                elif record.HasField("history"):
+                    row = {}
+                    for item in record.history.item:  # a value nested in a dict has a key path
+                        *outer, key = item.nested_key or [item.key]
+                        inner = functools.reduce(lambda d, k: d.setdefault(k, {}), outer, row)
+                        inner[key] = json.loads(item.value_json)
+                    run["history"].append(row)
+        runs.append(run)
+    return runs
+
+
+def wandb_points(runs, key):
+    """[(step, value)] of one key in every run's history, in the order written."""
+    return [(row["_step"], row[key]) for run in runs for row in run["history"] if key in row]
+
+
+def read_tensorboard(log_dir, tag):
+    """[(step, value)] of a scalar, as TensorBoard shows it (purged steps left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(os.path.join(log_dir, "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    if tag.endswith("/text_summary"):
+        return [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(tag)]
+    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 def tiny_checkpoint(path, vocab_size=50257, seed=0, block_size=64):

@@ -59,7 +59,8 @@ def test_the_loop_is_commented_like_the_lecture():
 def test_importing_a_script_runs_nothing():
     code = ("import sys, io, contextlib\nout = io.StringIO()\nwith contextlib.redirect_stdout(out), "
             f"contextlib.redirect_stderr(out):\n    import {', '.join(SCRIPTS)}\n"
-            "heavy = {'tiktoken', 'transformers', 'datasets', 'matplotlib', 'requests'} & set(sys.modules)\n"
+            "heavy = {'tiktoken', 'transformers', 'datasets', 'matplotlib', 'requests', 'wandb',\n"
+            "         'tensorboard', 'torch.utils.tensorboard'} & set(sys.modules)\n"
             "print(repr(out.getvalue()), sorted(heavy))")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "'' []", p.stdout + p.stderr
