@@ -62,7 +62,7 @@ def test_time_left_is_a_running_mean_of_recent_steps_plus_the_evaluations_left(t
 # wandb (offline) and TensorBoard
 
 @pytest.mark.slow
-def test_stopped_and_resumed_run_logs_every_step_once_to_wandb_and_tensorboard(data, tmp_path, hella_env):
+def test_stopped_and_resumed_run_logs_every_step_once_to_wandb_and_tensorboard(data, tmp_path):
     """A run stopped by SIGTERM in step 4's HellaSwag evaluation, after its val loss, and
     resumed: the two offline wandb runs are one run (one id) holding each step's train values
     once, and val, HellaSwag and samples at every evaluation (step 4's val loss once: wandb
