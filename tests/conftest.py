@@ -11,6 +11,7 @@ quick feedback.
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +95,7 @@ def make_shards(root, n_train=3, seed=0):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def data(tmp_path_factory):
     """make_shards() once per test module."""
     return make_shards(tmp_path_factory.mktemp("data"))
 
@@ -153,6 +154,29 @@ def run(args, torchrun=0, env=None, check=True, script="train_gpt2.py", prelude=
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
+
+
+# the step line: "step     3 | loss 6.123456 | lr 3.0000e-04 | norm 1.2345 | dt: ... | eta 1m05s"
+STEP_LINE = re.compile(r"^step +(\d+) \| loss (\S+) \| lr (\S+) \| norm (\S+) \| dt: .*\| eta \S+$", re.M)
+
+
+def step_lines(stdout):
+    """[(step, loss, lr)] of the step lines a run printed, in order (loss and lr as printed)."""
+    return [(int(s), loss, lr) for s, loss, lr, _ in STEP_LINE.findall(stdout)]
+
+
+def check_resumed(stdout, step, path=None):
+    """The process whose stdout this is resumed at `step` (from `path`, where given), and
+    trained no step below it again: its first step line is `step`'s, and they only go up. A run
+    that silently started over writes the same log.txt (training is deterministic), so the
+    log alone cannot show a resume."""
+    found = re.findall(r"^resumed from (.*) at step (\d+)$", stdout, re.M)
+    assert [int(s) for _, s in found] == [step], found or stdout[-2000:]
+    if path is not None:
+        assert found[0][0] == str(path), found
+    steps = [s for s, _, _ in step_lines(stdout)]
+    assert steps and steps[0] == step, steps
+    assert steps == sorted(set(steps)), steps  # each step once, in order
 
 
 def read_log(log_dir):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import (KILL_PRELUDE, REPO, checkpoint_names, log_text, make_shards,
+from conftest import (KILL_PRELUDE, REPO, check_resumed, checkpoint_names, log_text, make_shards,
                       read_log, run, tiny_args)
 
 import train_gpt2
@@ -92,11 +92,6 @@ def test_activation_checkpointing_gives_identical_losses(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
 def fsdp_clean(data, tmp_path_factory):
     """An uninterrupted 2-process FSDP run of 12 steps, and the same with DDP."""
     logs = {}
@@ -127,7 +122,9 @@ def test_fsdp_sigkill_and_resume_is_exact(data, fsdp_clean, tmp_path):
     p = run(tiny_args(data, log_dir, max_steps=12, checkpoint_interval=5, fsdp=1), torchrun=2,
             prelude=KILL_PRELUDE, env={"KILL_AT": "after_save:model_00005.pt"}, check=False)
     assert p.returncode != 0 and checkpoint_names(log_dir) == ["model_00005.pt"]
-    run(tiny_args(data, log_dir, max_steps=12, checkpoint_interval=5, fsdp=1, resume="auto"), torchrun=2)
+    p = run(tiny_args(data, log_dir, max_steps=12, checkpoint_interval=5, fsdp=1, resume="auto", seed=7),
+            torchrun=2)
+    check_resumed(p.stdout, 5)  # another --seed: a run started over would diverge
     assert log_text(log_dir) == log_text(fsdp_clean["fsdp"])
 
 
@@ -139,11 +136,12 @@ def test_resume_moves_between_ddp_fsdp_and_one_process(data, fsdp_clean, tmp_pat
     for name in ("model_00005.pt", "log.txt"):  # the writer's run, as if killed after step 5's save
         with open(os.path.join(fsdp_clean[writer], name), "rb") as f, open(os.path.join(log_dir, name), "wb") as g:
             g.write(f.read())
-    flags = dict(max_steps=12, checkpoint_interval=5, resume="auto")
+    flags = dict(max_steps=12, checkpoint_interval=5, resume="auto", seed=7)  # a restart would diverge
     if reader == "fsdp":
-        run(tiny_args(data, log_dir, fsdp=1, **flags), torchrun=2)
+        p = run(tiny_args(data, log_dir, fsdp=1, **flags), torchrun=2)
     else:
-        run(tiny_args(data, log_dir, **flags))
+        p = run(tiny_args(data, log_dir, **flags))
+    check_resumed(p.stdout, 5)
     for (s, k, a), (_, _, b) in zip(read_log(log_dir), read_log(fsdp_clean["fsdp"]), strict=True):
         assert a == pytest.approx(b, abs=2e-5), (s, k)
 
