@@ -68,7 +68,9 @@ MUTANTS = {
     "oldest-checkpoint-first": ("train_gpt2.py", "    for _, path in reversed(list_checkpoints(cfg.log_dir)):",
                                 "    for _, path in list_checkpoints(cfg.log_dir):", [TRIM]),
     "log-keeps-resumed-step": ("train_gpt2.py", "    lines = [l for l in old if int(l.split(\" \", 1)[0]) < start_step]",
-                               "    lines = [l for l in old if int(l.split(\" \", 1)[0]) <= start_step]", [HALF_LINE, EXACT_1]),
+                               "    lines = [l for l in old if int(l.split(\" \", 1)[0]) <= start_step]", [HALF_LINE, TRIM]),
+    "log-keeps-half-line": ("train_gpt2.py", '            old = [l for l in f if l.endswith("\\n") and l.split(" ", 1)[0].isdigit()]',
+                            '            old = [l for l in f if l.split(" ", 1)[0].isdigit()]', [HALF_LINE]),
     "keep-counts-later-runs": ("train_gpt2.py", "[c for c in list_checkpoints(cfg.log_dir) if c[0] <= step]",
                                "list_checkpoints(cfg.log_dir)", [KEEP]),
     "sigterm-saves-wrong-step": ("train_gpt2.py", "            checkpoint(step + 1)\n", "            checkpoint(step)\n",
@@ -146,7 +148,8 @@ def main(argv=None):
         file, old, new, tests = MUTANTS[name]
         result, seconds = check(name, file, old, new, tests, args.timeout)
         survived += not result.startswith("killed")
-        change = f"`{old.strip().splitlines()[-1].strip()}` -> `{new.strip().splitlines()[-1].strip()}`"
+        before, after = next((a, b) for a, b in zip(old.splitlines(), new.splitlines()) if a != b)
+        change = f"`{before.strip()}` -> `{after.strip()}`"
         print(f"| {name} | {change.replace('|', '&#124;')} | {result} | {seconds:.0f} |", flush=True)
     return survived
 

@@ -1,12 +1,13 @@
 """Tests for bench.py: the ladder's rows on CPU (a tiny model, no torch.compile), the MFU
-arithmetic against a hand computation for GPT-2 124M, and the command line's errors."""
+arithmetic against a hand computation for GPT-2 124M, the command line (its errors are in
+test_errors.py)."""
 import copy
 import json
 import math
 
 import pytest
 import torch
-from conftest import one_line_error, random_tokens, run, tiny_model
+from conftest import random_tokens, tiny_model
 
 import bench
 import train_gpt2
@@ -140,49 +141,7 @@ def test_cpu_ladder_table_with_peak(capsys):
 
 
 # -----------------------------------------------------------------------------
-# Command line: mistakes are one line, no traceback
-
-@pytest.mark.slow
-@pytest.mark.parametrize("args, rc, message", [
-    (["--rungs", "1,8"], 2, "expected rung numbers 1-7"),
-    (["--device", "cpu", "--sequence_length", "2048"], 1, "longer than block_size 1024"),
-])
-def test_cli_errors(args, rc, message):
-    result = run(args, script="bench.py", check=False)
-    one_line_error(result, message, rc=rc)
-    assert result.stdout == ""
-
-
-@pytest.mark.parametrize("args", [["--rungs", "x"], ["--rungs", ""], ["--rungs", "0"]])
-def test_bad_rungs_in_process(args, capsys):
-    with pytest.raises(SystemExit) as e:
-        bench.main(["--device", "cpu"] + args)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "expected rung numbers 1-7" in err
-    assert len(err.strip().splitlines()) == 1
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--n_embd", "30", "--n_head", "4"], "--n_embd 30 is not a multiple of --n_head 4"),
-    (["--device", "tpu"], "--device must be cuda, mps or cpu, not tpu"),
-    pytest.param(["--device", "cuda"], "no usable CUDA",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
-])
-def test_user_errors_in_process(args, message, capsys):
-    rc, out, err = run_main(["--device", "cpu"] + args, capsys)
-    assert rc == 1 and out == ""
-    assert message in err and len(err.strip().splitlines()) == 1
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--steps", "0"], "argument --steps: must be at least 1, not 0"),
-    (["--warmup_steps", "-1"], "argument --warmup_steps: must be at least 0, not -1"),
-])
-def test_ranges_in_process(args, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        bench.main(["--device", "cpu"] + args)
-    assert e.value.code == 2 and message in capsys.readouterr().err
-
+# Command line (its mistakes: tests/test_errors.py)
 
 def test_model_sets_the_shape_and_flags_win():
     args = bench.parse_args(["--device", "cpu", "--model", "gpt2-medium", "--n_layer", "2"])

@@ -492,35 +492,6 @@ def test_no_network_for_the_hub(monkeypatch, tmp_path):
 
 
 
-def test_ranges_are_checked_before_anything_is_read_or_written(tmp_path, capsys):
-    out = tmp_path / "out"
-    missing = tmp_path / "missing.jsonl"  # not looked at: the ranges come first
-    for args, message in [(["--max_tokens", 0], "--max_tokens must be >= 1 or omitted, not 0"),
-                          (["--max_tokens", -5], "--max_tokens must be >= 1 or omitted, not -5"),
-                          (["--shard_size", 0], "--shard_size must be >= 1, not 0"),
-                          (["--num_proc", -1], "--num_proc must be >= 1, not -1")]:
-        assert error_of("--data_files", missing, "--local_dir", out, *args) == f"fineweb.py: error: {message}"
-    assert not out.exists()
-
-    # argparse's own errors: one line too, exit status 2
-    for args in (["--shard_size", "1e6"], ["--overwrite", "maybe"], ["--no_such_flag"]):
-        with pytest.raises(SystemExit) as e:
-            fineweb.main(cli("--local_dir", out, *args))
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("fineweb.py: error: "), err
-    assert not out.exists()
-
-
-@pytest.mark.slow
-def test_exit_statuses_of_the_script(tmp_path):
-    result = run_cli("--max_tokens", 0, "--local_dir", tmp_path / "out")
-    one_line_error(result, "--max_tokens must be >= 1 or omitted")
-    assert result.returncode == 1
-    result = run_cli("--num_proc", "two", "--local_dir", tmp_path / "out")
-    one_line_error(result, "--num_proc", "invalid int value: 'two'")
-    assert result.returncode == 2
-
-
 def test_help_shows_every_default_and_the_environment(capsys):
     with pytest.raises(SystemExit) as e:
         fineweb.main(["--help"])

@@ -1,5 +1,5 @@
 """Tests for hellaswag.py: data, rendering, scoring (against a naive second implementation),
-batching and torch.compile, and the standalone script's errors. CPU, offline."""
+batching and torch.compile (the script's errors are in test_errors.py). CPU, offline."""
 import itertools
 import json
 import os
@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import pytest
 import torch
-from conftest import REPO, one_line_error, run
+from conftest import REPO
 from conftest import tiny_model as conftest_tiny_model
 
 import fineweb
@@ -341,11 +341,3 @@ def test_main_prints_acc(monkeypatch, capsys):
     c, cn, n = hellaswag.evaluate(model, val_rendered(10), "cpu", batch_size=1)
     assert n == 10 and 0 < cn < 10
     assert out[-2:] == [f"acc: {c}/10 = {c / 10:.4f}", f"acc_norm: {cn}/10 = {cn / 10:.4f}"]
-
-
-@pytest.mark.slow
-def test_main_foreign_checkpoint_is_one_line_error(tmp_path):
-    path = tmp_path / "not_ours.pt"
-    torch.save({"foo": 1}, path)
-    one_line_error(run(["--checkpoint", str(path), "-d", "cpu", "--limit", "4"],
-                       script="hellaswag.py", check=False), "not a checkpoint", rc=1)

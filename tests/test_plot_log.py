@@ -1,9 +1,8 @@
 """plot_log.py: parsing the trainer's log (also a log being written), smoothing chosen from the
-run's length, the PNG, and its errors."""
+run's length, the PNG (its errors: test_errors.py)."""
 import os
 
 import pytest
-from conftest import one_line_error, run
 
 import plot_log
 
@@ -65,17 +64,6 @@ def test_plot_two_logs(tmp_path, capsys):
     assert "run_a: min train loss 3.9000 (step 4)" in out
     assert ("run_b: min train loss 8.0000 (step 1), min val loss 8.5000 (step 1), "
             "max HellaSwag -") in out
-
-
-def test_plot_errors(tmp_path, capsys):
-    assert plot_log.main([str(tmp_path / "nope" / "log.txt")]) == 1
-    assert "does not exist" in capsys.readouterr().err
-    empty = write_log(tmp_path / "empty" / "log.txt", "0 train 10.9")  # a partial line only
-    r = run([empty], script="plot_log.py", check=False)  # as a script: one line, no traceback
-    one_line_error(r, "no data lines", rc=1)
-    assert not (tmp_path / "empty" / "log.png").exists()
-    one_line_error(run([empty, "--smooth", "1.5"], script="plot_log.py", check=False),
-                   "--smooth", rc=2)
 
 
 def test_the_loss_axis_fits_the_run():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (KILL_PRELUDE, REPO, VOCAB, check_resumed, checkpoint_names, log_text,
-                      make_shards, one_line_error, read_log, run, step_lines, tiny_args)
+                      one_line_error, read_log, run, step_lines, tiny_args)
 
 import train_gpt2
 
@@ -91,17 +91,17 @@ def test_kill_while_trimming_the_log_loses_nothing(data, clean_log, tmp_path):
     assert log_text(log_dir) == clean_log
 
 
-@pytest.mark.slow
-def test_a_half_written_last_log_line_is_trimmed_on_resume(data, clean_log, tmp_path):
-    """A run killed while writing log.txt leaves a line without its newline: the resume drops it
-    and writes that step's line again, whole."""
-    log_dir = str(tmp_path / "log")
-    killed(data, log_dir, "after_save:model_00006.pt")
-    with open(os.path.join(log_dir, "log.txt"), "a") as f:
-        f.write("6 train 5.12")  # step 6's line, cut short
-    p = run(tiny_args(data, log_dir, resume="auto", seed=7))
-    check_resumed(p.stdout, 6)
-    assert log_text(log_dir) == clean_log
+def test_a_half_written_last_log_line_is_trimmed_on_resume(tmp_path):
+    """A run killed while writing step 10's line left "1" of it: a resume at step 6 keeps the
+    whole lines of steps 0-5 only (a kept "1" would glue onto the next line written)."""
+    whole = "".join(f"{s} train {9 - s / 10:.6f}\n" + (f"{s} val {9.5 - s / 10:.4f}\n" if s % 4 == 0 else "")
+                    for s in range(10))
+    (tmp_path / "log.txt").write_text(whole + "1")
+    last = train_gpt2.prepare_log_dir(train_gpt2.TrainConfig(log_dir=str(tmp_path)), 6)
+    assert last == 9  # how far the stopped run got: its last whole train line
+    assert (tmp_path / "log.txt").read_text() == (
+        "0 train 9.000000\n0 val 9.5000\n1 train 8.900000\n2 train 8.800000\n3 train 8.700000\n"
+        "4 train 8.600000\n4 val 9.1000\n5 train 8.500000\n")
 
 
 @pytest.mark.slow
