@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -115,13 +116,13 @@ def tiny_args(data_root, log_dir, **overrides):
 # -----------------------------------------------------------------------------
 # running the scripts as a user would
 
-# A Python prelude that SIGKILLs the process at one moment of a checkpoint write, given by
-# KILL_AT: "after_save:model_00003.pt" (right after that file is complete) or
-# "before_rename:model_00006.pt" (written to its temporary name, not yet renamed). Under
-# torchrun only rank 0 saves, so rank 0 dies and torchrun takes the others down, as when a
-# node is lost.
+# A Python prelude that SIGKILLs the process at one moment of an atomic file write (a checkpoint,
+# log.txt, a token shard), given by KILL_AT: "after_save:model_00003.pt" (right after that file
+# is complete) or "before_rename:model_00006.pt" (written to its temporary name, not yet
+# renamed). Under torchrun only rank 0 saves, so rank 0 dies and torchrun takes the others
+# down, as when a node is lost.
 KILL_PRELUDE = """
-import os, signal, fineweb
+import os, signal
 when, name = os.environ["KILL_AT"].split(":")
 real_replace = os.replace
 def replace(src, dst):
@@ -133,24 +134,53 @@ def replace(src, dst):
 os.replace = replace
 """
 
+_PRELUDES = []  # the folder the prelude scripts go to: pytest's temporary folder of this session
 
-def run(args, torchrun=0, env=None, check=True, script="train_gpt2.py", prelude=None, timeout=300):
-    """Run a script in a subprocess: python, or torchrun with `torchrun` CPU processes. With a
-    prelude, the script's main() runs after that Python code (e.g. KILL_PRELUDE). script=None:
-    python with args alone (e.g. ["-c", code])."""
+
+@pytest.fixture(scope="session", autouse=True)
+def _prelude_folder(tmp_path_factory):
+    _PRELUDES[:] = [tmp_path_factory.mktemp("preludes")]
+
+
+def command(args, torchrun=0, script="train_gpt2.py", prelude=None):
+    """The command line of a script: python, or torchrun with `torchrun` CPU processes. With a
+    prelude, the script's main() runs after that Python code (e.g. KILL_PRELUDE), from a
+    wrapper script in the session's temporary folder. script=None: python with args alone
+    (e.g. ["-c", code])."""
     target = [str(REPO / script)] if script else []
     if prelude is not None:
         module = script[:-3]
-        code = f"import sys\nsys.path.insert(0, {str(REPO)!r})\n{prelude}\nimport {module}\nsys.exit({module}.main())"
-        wrapper = Path(os.environ.get("TMPDIR", "/tmp")) / f"prelude_{os.getpid()}_{abs(hash(code))}.py"
+        # all under the __main__ guard: worker processes that multiprocessing spawns import this file
+        body = textwrap.indent(f"{prelude}\nimport {module}\nsys.exit({module}.main())", "    ")
+        code = f"import sys\nsys.path.insert(0, {str(REPO)!r})\nif __name__ == '__main__':\n{body}\n"
+        wrapper = _PRELUDES[0] / f"prelude_{abs(hash(code))}_{module}.py"
         wrapper.write_text(code)
         target = [str(wrapper)]
-    cmd = [sys.executable] + target + args
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={torchrun}"] + target + args
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    p = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={torchrun}"] + target + args
+    return [sys.executable] + target + args
+
+
+def start(args, torchrun=0, env=None, script="train_gpt2.py", prelude=None, **popen):
+    """The script started in a subprocess (see command()), its stdout and stderr piped, one
+    thread per process (OMP_NUM_THREADS=1)."""
+    return subprocess.Popen(command([str(a) for a in args], torchrun, script, prelude), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})), **popen)
+
+
+def run(args, torchrun=0, env=None, check=True, script="train_gpt2.py", prelude=None, timeout=300):
+    """The script run to its end in a subprocess (see start()): a CompletedProcess. check: it
+    must exit with 0."""
+    proc = start(args, torchrun, env, script, prelude)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p

@@ -134,6 +134,8 @@ def main(argv=None):
     parser.add_argument("names", nargs="*", help="mutants to try (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
+    parser.add_argument("--tests", nargs="+", help="run these test ids instead of the mutant's own "
+                        "(e.g. to show that one test alone kills it)")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in MUTANTS]
     if unknown:
@@ -146,6 +148,7 @@ def main(argv=None):
     print("| mutant | change | result | seconds |\n|---|---|---|---|", flush=True)
     for name in args.names or MUTANTS:
         file, old, new, tests = MUTANTS[name]
+        tests = args.tests or tests
         result, seconds = check(name, file, old, new, tests, args.timeout)
         survived += not result.startswith("killed")
         before, after = next((a, b) for a, b in zip(old.splitlines(), new.splitlines()) if a != b)

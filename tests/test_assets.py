@@ -11,7 +11,7 @@ import shutil
 import threading
 
 import pytest
-from conftest import ASSETS, REPO, one_line_error, run, tiny_args, make_shards
+from conftest import ASSETS, make_shards, one_line_error, run, tiny_args
 
 import fineweb
 import hellaswag

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import fineweb
-from conftest import REPO, SHAKESPEARE, one_line_error
+from conftest import KILL_PRELUDE, REPO, SHAKESPEARE, one_line_error, run, start
 
 EOT = 50256
 S = 7000  # shard size of every test
@@ -167,29 +167,16 @@ def error_of(*args):
     return message
 
 
-def run_cli(*args, prelude=""):
+def run_cli(*args, prelude=None, env=None):
     """python fineweb.py ARGS in a subprocess (prelude: Python run first, e.g. to plant a kill)."""
-    code = f"import sys, fineweb\n{prelude}\nsys.exit(fineweb.main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *cli(*args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return run(cli(*args), script="fineweb.py", prelude=prelude, env=env, check=False, timeout=120)
 
 
 # -----------------------------------------------------------------------------
 # the module itself
 
 
-@pytest.mark.slow
-def test_import_is_cheap_and_names_are_exported():
-    code = ("import sys, fineweb; heavy = {'datasets', 'tiktoken', 'tqdm', 'torch'} & set(sys.modules); "
-            "print(sorted(heavy))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
-    # neither does its command line: it needs no trainer and no torch (the lecture's did not either)
-    code = ("import sys, contextlib, io, fineweb\nwith contextlib.redirect_stdout(io.StringIO()):\n"
-            "    try: fineweb.main(['--help'])\n    except SystemExit: pass\n"
-            "print(sorted({'torch', 'train_gpt2'} & set(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+def test_names_are_exported():  # that importing it is cheap: test_layout.py
     assert fineweb.LOCAL_DIR == str(REPO / "edu_fineweb10B")
     assert fineweb.shard_filename("val", 0) == "edufineweb_val_000000.npy"
     assert fineweb.shard_filename("train", 12) == "edufineweb_train_000012.npy"
@@ -356,38 +343,26 @@ def test_rerun_is_done_other_inputs_refused_overwrite_starts_over(corpus, tmp_pa
     assert shard_files(tmp_path) == before
 
 
-# Kill the process for real (SIGKILL, no cleanup) at two moments: right after the first shard was
-# renamed into place but before the manifest recorded it, and in the middle of the third shard's
-# write (its .tmp on disk, not yet renamed). A rerun must end with the bytes of one clean run.
-KILL = """
-import os, signal
-real_replace, count = os.replace, [0]
-def replace(src, dst):
-    count[0] += str(dst).endswith(".npy")
-    if count[0] == AT and MODE == "before_rename":
-        os.kill(os.getpid(), signal.SIGKILL)
-    real_replace(src, dst)
-    if count[0] == AT and MODE == "after_rename":
-        os.kill(os.getpid(), signal.SIGKILL)
-os.replace = replace
-"""
-
-
+# Kill the process for real (SIGKILL, no cleanup, conftest.KILL_PRELUDE) at two moments: right
+# after the first shard was renamed into place but before the manifest recorded it, and in the
+# middle of the third shard's write (its .tmp on disk, not yet renamed). A rerun must end with
+# the bytes of one clean run.
 @pytest.mark.slow
 @pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
-@pytest.mark.parametrize("mode, at, rows", [("after_rename", 1, "clean"), ("before_rename", 3, "clean"),
-                                            ("after_rename", 2, "with bad rows")])
+@pytest.mark.parametrize("mode, at, rows", [("after_save", 1, "clean"), ("before_rename", 3, "clean"),
+                                            ("after_save", 2, "with bad rows")])
 def test_killed_run_resumes_to_identical_files(corpus, bad_corpus, tmp_path, mode, at, rows):
     # with bad rows, the manifest's document index counts them: the rerun must skip exactly past them
     docs, jsonl, _ = corpus
     if rows != "clean":
         docs, bad, jsonl, _ = bad_corpus
     args = ["--data_files", jsonl, "--local_dir", tmp_path, "--shard_size", S, "--num_proc", 2]
-    killed = run_cli(*args, prelude=f"MODE, AT = {mode!r}, {at}\n{KILL}")
+    shard = fineweb.shard_filename("val" if at == 1 else "train", at - 1)  # the at-th shard written
+    killed = run_cli(*args, prelude=KILL_PRELUDE, env={"KILL_AT": f"{mode}:{shard}"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     ref = reference_shards(docs, S)
     left = shard_files(tmp_path)
-    assert len(left) == (at if mode == "after_rename" else at - 1)
+    assert len(left) == (at if mode == "after_save" else at - 1)
     assert all(left[name] == ref[name] for name in left)  # complete files only, never a truncated one
     recorded = json.loads((tmp_path / "manifest.json").read_text())["shards"]
     assert len(recorded) == at - 1
@@ -427,10 +402,9 @@ fineweb._encode = slow_encode
 def test_sigterm_or_ctrl_c_stops_in_one_line_and_the_rerun_continues(long_corpus, tmp_path, signum, group):
     jsonl, ref = long_corpus
     args = cli("--data_files", jsonl, "--local_dir", tmp_path, "--shard_size", S, "--num_proc", 2)
-    code = f"import sys, fineweb\n{SLOW_WORKERS}\nsys.exit(fineweb.main(sys.argv[1:]))"
-    env = dict(os.environ, TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")  # stderr: ours only
-    p = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    env = dict(TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")  # stderr: ours only
+    p = start(args, script="fineweb.py", prelude="import fineweb\n" + SLOW_WORKERS, env=env,
+              start_new_session=True)
     try:
         deadline = time.time() + 60
         while not (tmp_path / "edufineweb_val_000000.npy").exists() and p.poll() is None:

@@ -3,15 +3,13 @@ happened; nothing a user typed can make a run silently lose or mix up its files.
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import (KILL_PRELUDE, REPO, VOCAB, check_resumed, checkpoint_names, log_text,
-                      one_line_error, read_log, run, step_lines, tiny_args)
+from conftest import (KILL_PRELUDE, VOCAB, check_resumed, checkpoint_names, log_text, one_line_error,
+                      read_log, run, start, step_lines, tiny_args)
 
 import train_gpt2
 
@@ -239,12 +237,6 @@ def test_rng_state_round_trip_through_a_saved_file(tmp_path):
 
 # -----------------------------------------------------------------------------
 # signals
-
-def start(args):
-    return subprocess.Popen([sys.executable, str(REPO / "train_gpt2.py")] + args, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-
 
 def wait_for_training(log_dir, steps=2, timeout=120):
     deadline = time.time() + timeout
