@@ -38,6 +38,10 @@ DDP = "tests/test_train.py::test_two_processes_equal_one_process_and_mfu_is_per_
 LOADER_RANKS = "tests/test_data.py::test_loader_ranks_interleave_the_single_process_stream"
 LOADER_STATE = "tests/test_data.py::test_loader_state_round_trip"
 WORLD = "tests/test_resume.py::test_resume_with_another_world_size"
+WARNINGS = "tests/test_resume.py::test_resume_with_other_flags_warns_once_with_each_effect"
+CLIP = "tests/test_train.py::test_grad_clip_0_leaves_the_gradient_whole"
+SHUFFLE = "tests/test_data.py::test_loader_shuffle"
+RANK_1 = "tests/test_resume.py::test_sigterm_to_rank_1_stops_every_rank_at_the_same_step"
 
 # name: (file, the line's text as it is, the line as mutated, the tests to run)
 MUTANTS = {
@@ -76,6 +80,11 @@ MUTANTS = {
     "sigterm-saves-wrong-step": ("train_gpt2.py", "            checkpoint(step + 1)\n", "            checkpoint(step)\n",
                                  [SIGTERM]),
     "finished-run-trains-on": ("train_gpt2.py", "    if step == cfg.max_steps:\n", "    if False:\n", [FINISHED]),
+    "resume-warnings-off": ("train_gpt2.py", "    if changed:\n", "    if False:\n", [WARNINGS]),
+    "seed-warning-always": ("train_gpt2.py", 'and (k != "seed" or cfg.shuffle)]', "]", [WARNINGS]),
+    "grad-clip-0-clips-to-0": ("train_gpt2.py", "grad_clip if grad_clip > 0 else math.inf)", "grad_clip)", [CLIP]),
+    "shuffle-ignores-the-epoch": ("train_gpt2.py", "default_rng([self.seed, self.epoch, *key])",
+                                  "default_rng([self.seed, *key])", [SHUFFLE, EXACT + "[shuffle]"]),
     # distributed paths
     "no-loss-all-reduce": ("train_gpt2.py", "            dist.all_reduce(stats, op=dist.ReduceOp.SUM)", "            pass",
                            [DDP]),

@@ -178,6 +178,11 @@ CASES = [
          id="train-resume-weights-misfit"),
     case(T, train(resume="{weights}"), OURS, "holds weights only", "cannot resume",
          id="train-resume-weights-only"),
+    # the loader position counts batches of B*T tokens: another B or T would read other tokens
+    case(T, train(resume="{full}", micro_batch_size=1), OURS, "model_00003.pt was written with "
+         "--micro_batch_size 2 --sequence_length 32: resume needs the same", id="train-resume-other-B"),
+    case(T, train(resume="{full}", sequence_length=16), OURS, "model_00003.pt was written with "
+         "--micro_batch_size 2 --sequence_length 32: resume needs the same", id="train-resume-other-T"),
     case(T, train(resume="{full}", data_root="{data1}"), OURS, "saved loader position", "past the 1 shards",
          id="train-resume-loader-past-data"),
     case(T, train(resume="{foreign}"), OURS, NOT_OURS, forbid=("weights_only=False",),

@@ -35,6 +35,10 @@ def clean_log(clean):
     return clean()[0]
 
 
+def train_losses(text):
+    return [line.split()[2] for line in text.splitlines() if " train " in line]
+
+
 def killed(data, log_dir, at, torchrun=0, prelude="", **flags):
     """A run SIGKILLed at `at` (see conftest.KILL_PRELUDE)."""
     return run(tiny_args(data, log_dir, **flags), torchrun=torchrun, prelude=prelude + KILL_PRELUDE,
@@ -50,23 +54,27 @@ def files(log_dir):
 # would draw other initial weights, and its log.txt would differ from the clean run's.
 
 @pytest.mark.slow
-@pytest.mark.parametrize("log_name, at, nproc, left", [
-    ("log", "after_save:model_00003.pt", 1, ["model_00003.pt"]),
-    ("runs/lr[3e-4]*", "after_save:model_00003.pt", 1, ["model_00003.pt"]),  # glob characters are literal
+@pytest.mark.parametrize("log_name, at, nproc, left, flags", [
+    ("log", "after_save:model_00003.pt", 1, ["model_00003.pt"], {}),
+    ("runs/lr[3e-4]*", "after_save:model_00003.pt", 1, ["model_00003.pt"], {}),  # glob characters are literal
     # the half-done save is only a .tmp file; the previous checkpoint is intact
-    ("log", "before_rename:model_00006.pt", 1, ["model_00003.pt", "model_00006.pt.tmp"]),
-    ("log", "after_save:model_00003.pt", 2, ["model_00003.pt"]),  # rank 0 dies, torchrun ends rank 1
-], ids=["after-save", "glob-name", "before-rename", "two-processes"])
-@pytest.mark.slow
-def test_sigkill_then_resume_is_exact(data, clean, tmp_path, log_name, at, nproc, left):
+    ("log", "before_rename:model_00006.pt", 1, ["model_00003.pt", "model_00006.pt.tmp"], {}),
+    ("log", "after_save:model_00003.pt", 2, ["model_00003.pt"], {}),  # rank 0 dies, torchrun ends rank 1
+    # shuffled: the seed orders the data, so the resume keeps it; 24 micro-batches cross an epoch
+    ("log", "after_save:model_00003.pt", 1, ["model_00003.pt"], dict(shuffle=1)),
+], ids=["after-save", "glob-name", "before-rename", "two-processes", "shuffle"])
+def test_sigkill_then_resume_is_exact(data, clean, tmp_path, log_name, at, nproc, left, flags):
     log_dir = str(tmp_path / log_name)
-    p = killed(data, log_dir, at, torchrun=0 if nproc == 1 else nproc)
+    p = killed(data, log_dir, at, torchrun=0 if nproc == 1 else nproc, **flags)
     assert p.returncode == -signal.SIGKILL if nproc == 1 else p.returncode != 0, p.stderr[-2000:]
     assert sorted(os.listdir(log_dir)) == ["config.json", "log.txt"] + left
     assert torch.load(os.path.join(log_dir, "model_00003.pt"))["step"] == 3
-    p = run(tiny_args(data, log_dir, resume="auto", seed=7), torchrun=0 if nproc == 1 else nproc)
+    p = run(tiny_args(data, log_dir, resume="auto", **(flags or dict(seed=7))),
+            torchrun=0 if nproc == 1 else nproc)
     check_resumed(p.stdout, 3, f"{log_dir}/model_00003.pt")
-    clean_log, clean_stdout = clean(nproc)
+    clean_log, clean_stdout = clean(nproc, **flags)
+    if flags:  # the shuffled run read other batches than the run in order
+        assert train_losses(clean_log) != train_losses(clean()[0])
     assert log_text(log_dir) == clean_log  # every line is what the uninterrupted run wrote
     # and the schedule went on where it was: each step's loss and lr as the clean run printed them
     assert step_lines(p.stdout) == step_lines(clean_stdout)[3:]
@@ -218,6 +226,38 @@ def test_every_piece_of_the_checkpointed_state_comes_back(data, tmp_path):
     assert np.array_equal(np.random.rand(3), draws[1]) and random.random() == draws[2]
 
 
+def tiny_run_checkpoint(data, log_dir):
+    """model_00003.pt in log_dir as the tiny run of tiny_args() would save it (its model,
+    optimizer, scaler and loader are returned, to resume into)."""
+    cfg = train_gpt2.parse_args(tiny_args(data, log_dir))
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=64, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
+    optimizer = model.configure_optimizers(0.1, 6e-4, "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loader = train_gpt2.DataLoaderLite(2, 32, 0, 1, "train", data)
+    train_gpt2.save_checkpoint(cfg, 3, model, optimizer, scaler, loader, None, 1, True, print)
+    return model, optimizer, scaler, loader
+
+
+@pytest.mark.parametrize("flags, warning", [
+    (dict(warmup_steps=3), "--warmup_steps 2 -> 3 (the schedule's warmup changes)"),
+    (dict(max_lr=1e-3), "--max_lr 0.0006 -> 0.001 (the schedule jumps)"),
+    (dict(min_lr=1e-5), "--min_lr 6e-05 -> 1e-05 (the schedule jumps)"),
+    (dict(shuffle=1), "--shuffle False -> True (the data order changes from here on)"),
+    (dict(shuffle=1, seed=5), "--shuffle False -> True (the data order changes from here on); "
+                              "--seed 1337 -> 5 (the shuffled data order changes from here on)"),
+    (dict(seed=5), None),  # unshuffled, the seed only drew the initial weights, now replaced
+], ids=["warmup", "max_lr", "min_lr", "shuffle", "shuffle-and-seed", "seed-unshuffled"])
+def test_resume_with_other_flags_warns_once_with_each_effect(data, tmp_path, flags, warning):
+    log_dir = str(tmp_path)
+    model, optimizer, scaler, loader = tiny_run_checkpoint(data, log_dir)
+    lines = []
+    cfg = train_gpt2.parse_args(tiny_args(data, log_dir, resume="auto", **flags))
+    loader = train_gpt2.DataLoaderLite(2, 32, 0, 1, "train", data, shuffle=cfg.shuffle, seed=cfg.seed)
+    assert train_gpt2.maybe_resume(cfg, model, optimizer, scaler, loader, lines.append) == 3
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert warnings == ([f"warning: resuming with other flags than the run's: {warning}"] if warning else [])
+
+
 def test_rng_state_round_trip_through_a_saved_file(tmp_path):
     """rng_state() survives torch.save / torch.load(weights_only) and set_rng_state() puts
     every generator back: the same draws follow."""
@@ -261,6 +301,21 @@ def test_sigterm_checkpoints_and_exits_cleanly(data, tmp_path):
     assert checkpoint_names(log_dir) == [f"model_{last + 1:05d}.pt"]
     assert torch.load(os.path.join(log_dir, f"model_{last + 1:05d}.pt"))["step"] == last + 1
     assert "stopped by a signal" in out and "--resume auto" in out
+
+
+@pytest.mark.slow
+def test_sigterm_to_rank_1_stops_every_rank_at_the_same_step(data, tmp_path):
+    """A SIGTERM that reaches only rank 1 (a scheduler may signal any process): the ranks vote,
+    all stop after the same step, rank 0 saves, and torchrun exits 0."""
+    log_dir = str(tmp_path / "log")
+    prelude = ("import os, signal, train_gpt2\nreal = train_gpt2.get_lr\n"
+               "def get_lr(it, *a):\n    if it == 3 and os.environ['RANK'] == '1':\n"
+               "        os.kill(os.getpid(), signal.SIGTERM)\n    return real(it, *a)\n"
+               "train_gpt2.get_lr = get_lr\n")
+    p = run(tiny_args(data, log_dir, checkpoint_interval=100), torchrun=2, prelude=prelude)
+    assert "stopped by a signal after step 3; continue with --resume auto" in p.stdout
+    assert checkpoint_names(log_dir) == ["model_00004.pt"]
+    assert [s for s, k, _ in read_log(log_dir) if k == "train"] == [0, 1, 2, 3]
 
 
 @pytest.mark.slow

@@ -179,3 +179,18 @@ def test_without_triton_compile_auto_runs_eager_and_compile_1_fails_at_start(tmp
             check=False)
     one_line_error(p, "--compile 1: torch.compile needs Triton on CUDA", rc=1)
     assert not os.path.exists(tmp_path / "log")
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-3])
+def test_grad_clip_0_leaves_the_gradient_whole(tmp_path, grad_clip):
+    """--grad_clip 0: the step takes the whole gradient (its norm, computed here, is the one
+    reported); a clip of 1e-3 scales it down to that norm."""
+    data = make_shards(tmp_path / "data")
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=64, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
+    optimizer = model.configure_optimizers(0.1, 6e-4, "cpu")
+    loader = train_gpt2.DataLoaderLite(2, 32, 0, 1, "train", data)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    _, norm = train_gpt2.train_step(model, optimizer, scaler, loader, 2, 6e-4, grad_clip, "cpu", torch.float32)
+    stepped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+    assert norm.item() > 0.1  # the tiny model's gradient at its init: far above 1e-3
+    assert stepped.item() == pytest.approx(norm.item() if grad_clip == 0 else grad_clip, rel=1e-4)
