@@ -125,6 +125,29 @@ def test_cpu_ladder_json(capsys):
     assert by_rung[5]["loss"] == pytest.approx(by_rung[3]["loss"], abs=0.02)
 
 
+def test_gradient_accumulation_counts_every_micro_batch(capsys, monkeypatch):
+    """--grad_accum_steps 3: each step reads 3 micro-batches (counted here), and the tokens/s
+    are those of the 3."""
+    calls = []
+    real = bench.RandomLoader.next_batch
+    monkeypatch.setattr(bench.RandomLoader, "next_batch", lambda self: calls.append(1) or real(self))
+    rc, out, err = run_main(TINY + ["--rungs", "1", "--grad_accum_steps", "3", "--json"], capsys)
+    assert rc == 0, err
+    (row,) = json.loads(out)
+    assert len(calls) == (1 + 2) * 3  # (warmup + timed steps) x micro-steps
+    assert row["tokens_per_sec"] == pytest.approx(3 * 2 * 32 / (row["ms"] / 1000))
+    assert abs(row["loss"] - math.log(50257)) < 0.1
+
+
+@pytest.mark.slow
+def test_compile_rung_runs_and_agrees_with_eager(capsys):
+    rc, out, err = run_main(TINY + ["--rungs", "1,4", "--json"], capsys)
+    assert rc == 0, err
+    eager, compiled = json.loads(out)
+    assert (eager["compile"], compiled["compile"]) == (False, True) and compiled["ms"] > 0
+    assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-4)  # the same weights and tokens
+
+
 def test_cpu_ladder_table_with_peak(capsys):
     rc, out, err = run_main(TINY + ["--rungs", "1,2", "--peak_tflops", "0.001"], capsys)
     assert rc == 0, err

@@ -211,6 +211,8 @@ CASES = [
     case(S, ["--checkpoint", "{short}"], OURS, "longer than the model's context", "block_size 16", id="sample-prompt-over-context"),
     case(S, ["--checkpoint", "{short}", "--top_k", "0"], ARGPARSE, "--top_k", "at least 1",
          id="sample-top_k-0"),
+    case(S, ["--checkpoint", "{short}", "--max_new_tokens", "4", "--top_k", "60000"], OURS,
+         "--top_k must be between 1 and 50257, got 60000", id="sample-top_k-above-vocab"),
     case(S, ["--checkpoint", "{short}", "--temperature", "0"], ARGPARSE, "--temperature", "at least",
          id="sample-temperature-0"),
     case(S, ["--checkpoint", "{short}", "--num_samples", "0"], ARGPARSE, "--num_samples", "at least 1",

@@ -81,3 +81,24 @@ def test_prompt_and_new_tokens_may_fill_the_context_exactly(tmp_path, capsys):
     assert err.count("\n") == 1 and "65 tokens" in err and "block_size 64" in err
     assert sample.main(["--checkpoint", ckpt, "--device", "cpu", "--max_new_tokens", "56",
                         "--num_samples", "1"]) == 0  # exactly the context: fine
+
+
+def test_prompt_and_temperature_from_the_command_line(tmp_path, capsys):
+    """--prompt is continued; a temperature near 0 samples the likeliest token every time:
+    greedy decoding, here computed with the model's plain forward pass, the same in every sample."""
+    ckpt, model = tiny_checkpoint(tmp_path / "model.pt")
+    enc = fineweb.gpt2_encoding()
+    idx = torch.tensor([enc.encode("ROMEO:")])
+    with torch.no_grad():
+        for _ in range(6):
+            logits, _ = model(idx)
+            idx = torch.cat([idx, logits[:, -1, :50257].argmax(-1, keepdim=True)], dim=1)
+    greedy = enc.decode(idx[0].tolist())
+    args = ["--checkpoint", ckpt, "--device", "cpu", "--prompt", "ROMEO:", "--num_samples", "2",
+            "--max_new_tokens", "6"]
+    assert sample.main(args + ["--temperature", "1e-6"]) == 0
+    assert capsys.readouterr().out == f"sample 0: {greedy}\nsample 1: {greedy}\n"
+    assert sample.main(args + ["--temperature", "5"]) == 0  # flat: not the greedy text
+    hot = capsys.readouterr().out.splitlines()
+    assert all(line.startswith("sample ") and ": ROMEO:" in line for line in hot)
+    assert f"sample 0: {greedy}" not in hot
