@@ -85,6 +85,8 @@ MUTANTS = {
     "grad-clip-0-clips-to-0": ("train_gpt2.py", "grad_clip if grad_clip > 0 else math.inf)", "grad_clip)", [CLIP]),
     "shuffle-ignores-the-epoch": ("train_gpt2.py", "default_rng([self.seed, self.epoch, *key])",
                                   "default_rng([self.seed, *key])", [SHUFFLE, EXACT + "[shuffle]"]),
+    "fineweb-boundary-not-done": ("fineweb.py", '    if not manifest["done"]:  # the stream ended on a shard boundary',
+                                  "    if False:", ["tests/test_fineweb.py::test_a_corpus_that_ends_on_a_shard_boundary"]),
     # distributed paths
     "no-loss-all-reduce": ("train_gpt2.py", "            dist.all_reduce(stats, op=dist.ReduceOp.SUM)", "            pass",
                            [DDP]),

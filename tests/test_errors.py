@@ -6,6 +6,7 @@ right message, and no traceback. Some messages must also keep a dangerous hint o
 call the script's main(argv) in this process (importing torch once, not per case); the rest,
 and a few smoke rows of the first kind, run the script as a subprocess, as a user would."""
 import importlib
+import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -89,6 +90,22 @@ def files(tmp_path_factory):
     f["partial_log"] = str(root / "partial" / "log.txt")
     os.makedirs(os.path.dirname(f["partial_log"]))
     open(f["partial_log"], "w").write("0 train 10.9")
+
+    # fineweb.py's inputs and output folders: a corpus; a folder of shards without a manifest
+    # ("data"); a manifest that lists a shard that is gone; .jsonl and .txt mixed
+    f["jsonl"] = str(root / "docs.jsonl")
+    open(f["jsonl"], "w").write('{"text": "a document"}\n')
+    gone = root / "gone"
+    gone.mkdir()
+    (gone / "manifest.json").write_text(json.dumps(dict(
+        identity={"source": {"data_files": [f["jsonl"]]}, "shard_size": 7000, "max_tokens": None},
+        shards=[dict(file="edufineweb_val_000000.npy", tokens=3, next_doc=1, next_offset=0)], done=False)))
+    f["gone"] = str(gone)
+    mixed = root / "mixed"
+    mixed.mkdir()
+    shutil.copy(f["jsonl"], mixed / "a.jsonl")
+    (mixed / "b.txt").write_text("a document\n")
+    f["mixed"] = str(mixed)
 
     # a regular file, where a folder is expected
     f["a_file"] = str(root / "somefile.txt")
@@ -302,6 +319,13 @@ CASES = [
     case(F, ["--local_dir", "{tmp}/out", "--data_files", "{tmp}/none*.jsonl"], OURS, "matches no file",
          id="fineweb-data_files-none"),
     case(F, ["--local_dir", "{a_file}"], OURS, "is a file, not a folder", id="fineweb-local_dir-is-file"),
+    case(F, ["--data_files", "{jsonl}", "--local_dir", "{data}"], OURS, "holds shards but no manifest.json",
+         "--overwrite", id="fineweb-shards-without-manifest"),
+    case(F, ["--data_files", "{jsonl}", "--local_dir", "{gone}", "--shard_size", "7000"], OURS,
+         "edufineweb_val_000000.npy, listed in", "manifest.json, is gone", id="fineweb-manifest-shard-gone"),
+    case(F, ["--data_files", "{mixed}/*", "--local_dir", "{tmp}/out"], OURS,
+         "--data_files must be all .parquet, all .jsonl/.json or all .txt, not .jsonl, .txt",
+         id="fineweb-mixed-inputs"),
 
     # --- bench_fineweb.py
     case(BF, ["--copies", "0"], ARGPARSE, "bench_fineweb.py: error", "must be", id="bench_fineweb-copies-0"),

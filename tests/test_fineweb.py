@@ -223,6 +223,37 @@ def test_shards_equal_the_reference(corpus, tmp_path, monkeypatch):
     assert decoded == docs
 
 
+def test_a_corpus_that_ends_on_a_shard_boundary(corpus, tmp_path, capsys):
+    """The stream fills its last shard exactly: no empty shard after it, the manifest says done,
+    and a rerun has nothing to do."""
+    enc = _CORPUS["tiktoken_gpt2"]
+    lengths = [1 + len(enc.encode_ordinary(d)) for d in corpus[0]]  # EOT + tokens per document
+    n = next(n for n in range(12, 40) if sum(lengths[:n]) % 2 == 0)  # the first n docs: 2 full shards
+    docs, length = corpus[0][:n], sum(lengths[:n])
+    size = length // 2
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    args = cli("--data_files", jsonl, "--local_dir", tmp_path / "out", "--shard_size", size, "--num_proc", 1)
+    assert fineweb.main(args) == 0
+    ref = reference_shards(docs, size)
+    assert shard_files(tmp_path / "out") == ref and len(ref) == 2
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["done"]
+    capsys.readouterr()
+    assert fineweb.main(args) == 0
+    assert capsys.readouterr().out.startswith(f"already done: {len(ref)} shards, {length:,} tokens")
+
+
+def test_txt_files_are_one_document_each(corpus, tmp_path):
+    """.txt inputs (datasets' text builder, a whole file per document), in the sorted order of
+    the glob's matches."""
+    docs = corpus[0][:40]
+    (tmp_path / "b.txt").write_text("\n\n".join(docs[20:]), encoding="utf-8")
+    (tmp_path / "a.txt").write_text("\n\n".join(docs[:20]), encoding="utf-8")
+    assert fineweb.main(cli("--data_files", tmp_path / "*.txt", "--local_dir", tmp_path / "out",
+                            "--shard_size", S, "--num_proc", 1)) == 0
+    assert shard_files(tmp_path / "out") == reference_shards(["\n\n".join(docs[:20]), "\n\n".join(docs[20:])], S)
+
+
 def test_max_tokens_stops_there(corpus, tmp_path, capsys):
     docs, jsonl, _ = corpus
     n = 3 * S + 1234
