@@ -9,13 +9,17 @@ Tests that start subprocesses or compile are marked `slow`: `pytest -m "not slow
 quick feedback.
 """
 import functools
+import http.server
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -239,6 +243,50 @@ def one_line_error(p, *needles, rc=None):
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+# -----------------------------------------------------------------------------
+# a real HTTP server on 127.0.0.1 (a download's success and failures, a Hugging Face mirror)
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    routes, seen = {}, []  # the server's: path -> (status, body, declared length); paths asked for
+
+    def do_GET(self):
+        self.seen.append(self.path)
+        status, body, length = self.routes.get(self.path, (404, b'{"error": "not here"}', None))
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        self.wfile.write(body)  # a declared length above len(body): the connection drops early
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    """A server with nothing (404 for every path) until serve(path, body, status=200,
+    length=None) adds a file; .url, and .seen: the paths asked for, in order. length: the
+    Content-Length to declare (more than the body: a download cut short)."""
+    handler = type("Files", (_Files,), dict(routes={}, seen=[]))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def serve(path, body, status=200, length=None):
+        handler.routes[path] = (status, body, length)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_port}", seen=handler.seen, serve=serve)
+    server.shutdown()
+    server.server_close()
+
+
+def closed_port():
+    """A port on 127.0.0.1 where nothing listens: connecting is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # -----------------------------------------------------------------------------

@@ -381,6 +381,19 @@ def test_bad_input_fails_in_one_line(outcomes, request, script, args, rc, needle
         assert bad not in line, line
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script, args, message", [
+    (F, ["--max_tokens", "1000"], "cannot load HuggingFaceFW/fineweb-edu from the Hugging Face hub"),
+    (S, ["-m", "gpt2", "--device", "cpu"], "cannot load gpt2 from Hugging Face"),
+], ids=["fineweb", "sample"])
+def test_the_hub_offline_with_an_empty_cache_is_one_line(tmp_path, script, args, message):
+    """What a machine without network and without Hugging Face's cache gets, for real."""
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets")}
+    p = run(args + ["--local_dir", str(tmp_path / "out")] * (script == F), script=script, env=env,
+            check=False, timeout=120)
+    one_line_error(p, message, "HF_ENDPOINT", rc=1)
+
+
 class Unread(dict):
     """The files a row names: the command line is rejected before any is looked at."""
 

@@ -483,20 +483,6 @@ def test_file_without_text_column(tmp_path):
     one_line_error(result, "bad.parquet", "id", "content")
 
 
-def test_no_network_for_the_hub(monkeypatch, tmp_path):
-    import datasets
-
-    def offline(*args, **kwargs):
-        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub")  # what datasets says
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(SystemExit) as e:
-        fineweb.main(cli("--local_dir", tmp_path, "--max_tokens", 1000))
-    message = e.value.code
-    assert isinstance(message, str) and "\n" not in message and "--data_files" in message
-
-
-
 def test_help_shows_every_default_and_the_environment(capsys):
     with pytest.raises(SystemExit) as e:
         fineweb.main(["--help"])
