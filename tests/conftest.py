@@ -282,8 +282,9 @@ def http_server():
     server.server_close()
 
 
-def closed_port():
-    """A port on 127.0.0.1 where nothing listens: connecting is refused at once."""
+def free_port():
+    """A port on 127.0.0.1 that nothing listens on: free to bind, and a connection to it is
+    refused at once."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

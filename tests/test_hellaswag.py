@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import pytest
 import torch
-from conftest import REPO, closed_port
+from conftest import REPO, free_port
 from conftest import tiny_model as conftest_tiny_model
 
 import fineweb
@@ -126,7 +126,7 @@ def test_a_failed_download_says_where_to_put_the_file_and_leaves_nothing(tmp_pat
     """Real faults: nothing listening, a 404, a connection that drops after half the bytes."""
     url = http_server.url
     if fault == "refused":
-        url = f"http://127.0.0.1:{closed_port()}"
+        url = f"http://127.0.0.1:{free_port()}"
     elif fault == "cut short":
         body = (json.dumps(GOOD) + "\n").encode() * 50
         http_server.serve("/hellaswag_test.jsonl", body[:len(body) // 2], length=len(body))

@@ -3,14 +3,11 @@ losses as DDP, exact resume, checkpoints that move between DDP, FSDP and one pro
 memory estimate against measured peaks, and torchrun across two "nodes" on one machine."""
 import gc
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import (KILL_PRELUDE, REPO, check_resumed, checkpoint_names, log_text, make_shards,
-                      read_log, run, tiny_args)
+from conftest import (KILL_PRELUDE, REPO, check_resumed, checkpoint_names, free_port, log_text,
+                      make_shards, read_log, run, start, tiny_args)
 
 import train_gpt2
 
@@ -228,20 +225,12 @@ def test_memory_estimate_within_5_percent_of_the_measured_peak(shape, checkpoint
 # -----------------------------------------------------------------------------
 # two nodes of one process each, on this machine
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def two_nodes(args_per_node):
     port = free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-         f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-         "--rdzv_id=test", str(REPO / "train_gpt2.py")] + args, cwd=REPO, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        for node, args in enumerate(args_per_node)]
+    procs = [start(["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+                    "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test",
+                    str(REPO / "train_gpt2.py")] + args, script=None)
+             for node, args in enumerate(args_per_node)]
     return [(p.wait(timeout=300), *p.communicate()) for p in procs]
 
 
