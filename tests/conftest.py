@@ -9,11 +9,17 @@ Tests that start subprocesses or compile are marked `slow`: `pytest -m "not slow
 quick feedback.
 """
 import functools
+import http.server
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
+import textwrap
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -94,7 +100,7 @@ def make_shards(root, n_train=3, seed=0):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def data(tmp_path_factory):
     """make_shards() once per test module."""
     return make_shards(tmp_path_factory.mktemp("data"))
 
@@ -114,13 +120,13 @@ def tiny_args(data_root, log_dir, **overrides):
 # -----------------------------------------------------------------------------
 # running the scripts as a user would
 
-# A Python prelude that SIGKILLs the process at one moment of a checkpoint write, given by
-# KILL_AT: "after_save:model_00003.pt" (right after that file is complete) or
-# "before_rename:model_00006.pt" (written to its temporary name, not yet renamed). Under
-# torchrun only rank 0 saves, so rank 0 dies and torchrun takes the others down, as when a
-# node is lost.
+# A Python prelude that SIGKILLs the process at one moment of an atomic file write (a checkpoint,
+# log.txt, a token shard), given by KILL_AT: "after_save:model_00003.pt" (right after that file
+# is complete) or "before_rename:model_00006.pt" (written to its temporary name, not yet
+# renamed). Under torchrun only rank 0 saves, so rank 0 dies and torchrun takes the others
+# down, as when a node is lost.
 KILL_PRELUDE = """
-import os, signal, fineweb
+import os, signal
 when, name = os.environ["KILL_AT"].split(":")
 real_replace = os.replace
 def replace(src, dst):
@@ -132,27 +138,79 @@ def replace(src, dst):
 os.replace = replace
 """
 
+_PRELUDES = []  # the folder the prelude scripts go to: pytest's temporary folder of this session
 
-def run(args, torchrun=0, env=None, check=True, script="train_gpt2.py", prelude=None, timeout=300):
-    """Run a script in a subprocess: python, or torchrun with `torchrun` CPU processes. With a
-    prelude, the script's main() runs after that Python code (e.g. KILL_PRELUDE). script=None:
-    python with args alone (e.g. ["-c", code])."""
+
+@pytest.fixture(scope="session", autouse=True)
+def _prelude_folder(tmp_path_factory):
+    _PRELUDES[:] = [tmp_path_factory.mktemp("preludes")]
+
+
+def command(args, torchrun=0, script="train_gpt2.py", prelude=None):
+    """The command line of a script: python, or torchrun with `torchrun` CPU processes. With a
+    prelude, the script's main() runs after that Python code (e.g. KILL_PRELUDE), from a
+    wrapper script in the session's temporary folder. script=None: python with args alone
+    (e.g. ["-c", code])."""
     target = [str(REPO / script)] if script else []
     if prelude is not None:
         module = script[:-3]
-        code = f"import sys\nsys.path.insert(0, {str(REPO)!r})\n{prelude}\nimport {module}\nsys.exit({module}.main())"
-        wrapper = Path(os.environ.get("TMPDIR", "/tmp")) / f"prelude_{os.getpid()}_{abs(hash(code))}.py"
+        # all under the __main__ guard: worker processes that multiprocessing spawns import this file
+        body = textwrap.indent(f"{prelude}\nimport {module}\nsys.exit({module}.main())", "    ")
+        code = f"import sys\nsys.path.insert(0, {str(REPO)!r})\nif __name__ == '__main__':\n{body}\n"
+        wrapper = _PRELUDES[0] / f"prelude_{abs(hash(code))}_{module}.py"
         wrapper.write_text(code)
         target = [str(wrapper)]
-    cmd = [sys.executable] + target + args
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={torchrun}"] + target + args
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    p = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={torchrun}"] + target + args
+    return [sys.executable] + target + args
+
+
+def start(args, torchrun=0, env=None, script="train_gpt2.py", prelude=None, **popen):
+    """The script started in a subprocess (see command()), its stdout and stderr piped, one
+    thread per process (OMP_NUM_THREADS=1)."""
+    return subprocess.Popen(command([str(a) for a in args], torchrun, script, prelude), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})), **popen)
+
+
+def run(args, torchrun=0, env=None, check=True, script="train_gpt2.py", prelude=None, timeout=300):
+    """The script run to its end in a subprocess (see start()): a CompletedProcess. check: it
+    must exit with 0."""
+    proc = start(args, torchrun, env, script, prelude)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
+
+
+# the step line: "step     3 | loss 6.123456 | lr 3.0000e-04 | norm 1.2345 | dt: ... | eta 1m05s"
+STEP_LINE = re.compile(r"^step +(\d+) \| loss (\S+) \| lr (\S+) \| norm (\S+) \| dt: .*\| eta \S+$", re.M)
+
+
+def step_lines(stdout):
+    """[(step, loss, lr)] of the step lines a run printed, in order (loss and lr as printed)."""
+    return [(int(s), loss, lr) for s, loss, lr, _ in STEP_LINE.findall(stdout)]
+
+
+def check_resumed(stdout, step, path=None):
+    """The process whose stdout this is resumed at `step` (from `path`, where given), and
+    trained no step below it again: its first step line is `step`'s, and they only go up. A run
+    that silently started over writes the same log.txt (training is deterministic), so the
+    log alone cannot show a resume."""
+    found = re.findall(r"^resumed from (.*) at step (\d+)$", stdout, re.M)
+    assert [int(s) for _, s in found] == [step], found or stdout[-2000:]
+    if path is not None:
+        assert found[0][0] == str(path), found
+    steps = [s for s, _, _ in step_lines(stdout)]
+    assert steps and steps[0] == step, steps
+    assert steps == sorted(set(steps)), steps  # each step once, in order
 
 
 def read_log(log_dir):
@@ -185,6 +243,51 @@ def one_line_error(p, *needles, rc=None):
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+# -----------------------------------------------------------------------------
+# a real HTTP server on 127.0.0.1 (a download's success and failures, a Hugging Face mirror)
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    routes, seen = {}, []  # the server's: path -> (status, body, declared length); paths asked for
+
+    def do_GET(self):
+        self.seen.append(self.path)
+        status, body, length = self.routes.get(self.path, (404, b'{"error": "not here"}', None))
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        self.wfile.write(body)  # a declared length above len(body): the connection drops early
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    """A server with nothing (404 for every path) until serve(path, body, status=200,
+    length=None) adds a file; .url, and .seen: the paths asked for, in order. length: the
+    Content-Length to declare (more than the body: a download cut short)."""
+    handler = type("Files", (_Files,), dict(routes={}, seen=[]))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def serve(path, body, status=200, length=None):
+        handler.routes[path] = (status, body, length)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_port}", seen=handler.seen, serve=serve)
+    server.shutdown()
+    server.server_close()
+
+
+def free_port():
+    """A port on 127.0.0.1 that nothing listens on: free to bind, and a connection to it is
+    refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # -----------------------------------------------------------------------------

@@ -4,14 +4,11 @@ line, and HF_ENDPOINT (a Hugging Face mirror, for what cannot ship) reaches the 
 download."""
 import gzip
 import hashlib
-import http.server
-import json
 import re
 import shutil
-import threading
 
 import pytest
-from conftest import ASSETS, REPO, one_line_error, run, tiny_args, make_shards
+from conftest import ASSETS, make_shards, one_line_error, run, tiny_args
 
 import fineweb
 import hellaswag
@@ -98,37 +95,10 @@ def test_a_damaged_hellaswag_file_is_one_line(tmp_path, monkeypatch):
     assert f"{path} is damaged" in str(e.value) and "\n" not in str(e.value)
 
 
-class Recorder(http.server.BaseHTTPRequestHandler):
-    """A stand-in for a Hugging Face mirror: it records each path asked for, and has nothing."""
-    paths = []
-
-    def do_GET(self):
-        Recorder.paths.append(self.path)
-        self.send_response(404)
-        self.send_header("Content-Type", "application/json")
-        body = json.dumps({"error": "not on this mirror"}).encode()
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_HEAD = do_GET
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def mirror():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    Recorder.paths = []
-    yield f"http://127.0.0.1:{server.server_port}", Recorder.paths
-    server.shutdown()
-
-
 @pytest.mark.slow
-def test_hf_endpoint_reaches_datasets_and_transformers(mirror, tmp_path):
-    url, paths = mirror
+def test_hf_endpoint_reaches_datasets_and_transformers(http_server, tmp_path):
+    """A stand-in for a Hugging Face mirror that has nothing: each library asks it, and fails."""
+    url, paths = http_server.url, http_server.seen
     env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
            "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5"}
     # fineweb.py asks the mirror for FineWeb-Edu (through datasets), which it lacks

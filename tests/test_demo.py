@@ -4,7 +4,7 @@ repository ships, it shows every stage of the real run, and every tool works on 
 import os
 
 import pytest
-from conftest import checkpoint_names, read_config, read_log, run
+from conftest import check_resumed, checkpoint_names, read_config, read_log, run
 
 import train_gpt2
 
@@ -36,7 +36,7 @@ def test_the_demo_shows_every_stage_and_the_tools_work_on_its_checkpoint(tmp_pat
     # a rerun of the same command finds the shards done; --resume auto continues the run
     p = run(["--demo", "--max_steps", "20", "--eval_interval", "8", "--resume", "auto"] + short)
     assert "already done: 11 shards" in p.stdout
-    assert f"resumed from {log}/model_00016.pt at step 16" in p.stdout
+    check_resumed(p.stdout, 16, f"{log}/model_00016.pt")
     assert [s for s, kind, _ in read_log(log) if kind == "train"] == list(range(20))
 
     # every tool, on the demo's trained weights

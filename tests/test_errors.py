@@ -1,11 +1,16 @@
-"""Bad inputs, table-driven: every script, every class of mistake a user can make. Each case
-runs the script as a subprocess, as a user would, and asserts a non-zero exit (argparse's 2
-for what the command line alone rules out, our 1 for the rest), exactly one line on stderr
-holding the key phrase of the right message, and no traceback. Some messages must also keep
-a dangerous hint out (torch's "weights_only=False", numpy's "allow_pickle")."""
+"""Bad inputs, table-driven: every script, every class of mistake a user can make, and the
+only home of these cases. Each asserts a non-zero exit (argparse's 2 for what the command line
+alone rules out, our 1 for the rest), exactly one line on stderr holding the key phrase of the
+right message, and no traceback. Some messages must also keep a dangerous hint out (torch's
+"weights_only=False", numpy's "allow_pickle"). The cases that the command line alone decides
+call the script's main(argv) in this process (importing torch once, not per case); the rest,
+and a few smoke rows of the first kind, run the script as a subprocess, as a user would."""
+import importlib
+import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,8 +19,6 @@ from conftest import (VOCAB, make_shards, one_line_error, run, tiny_args,
                       tiny_checkpoint)
 
 import train_gpt2
-
-pytestmark = pytest.mark.slow  # every case starts a subprocess
 
 
 class Foreign:
@@ -80,6 +83,30 @@ def files(tmp_path_factory):
     (corrupt / "model_00006.pt").write_bytes(b"not a checkpoint\n" * 10)
     f["corrupt"] = str(corrupt)
 
+    # a dict that torch.load reads, but not a checkpoint of ours
+    f["not_ours"] = str(root / "not_ours.pt")
+    torch.save({"state_dict": {}}, f["not_ours"])
+    # a log.txt holding a partial line only
+    f["partial_log"] = str(root / "partial" / "log.txt")
+    os.makedirs(os.path.dirname(f["partial_log"]))
+    open(f["partial_log"], "w").write("0 train 10.9")
+
+    # fineweb.py's inputs and output folders: a corpus; a folder of shards without a manifest
+    # ("data"); a manifest that lists a shard that is gone; .jsonl and .txt mixed
+    f["jsonl"] = str(root / "docs.jsonl")
+    open(f["jsonl"], "w").write('{"text": "a document"}\n')
+    gone = root / "gone"
+    gone.mkdir()
+    (gone / "manifest.json").write_text(json.dumps(dict(
+        identity={"source": {"data_files": [f["jsonl"]]}, "shard_size": 7000, "max_tokens": None},
+        shards=[dict(file="edufineweb_val_000000.npy", tokens=3, next_doc=1, next_offset=0)], done=False)))
+    f["gone"] = str(gone)
+    mixed = root / "mixed"
+    mixed.mkdir()
+    shutil.copy(f["jsonl"], mixed / "a.jsonl")
+    (mixed / "b.txt").write_text("a document\n")
+    f["mixed"] = str(mixed)
+
     # a regular file, where a folder is expected
     f["a_file"] = str(root / "somefile.txt")
     open(f["a_file"], "w").write("not a folder\n")
@@ -102,7 +129,14 @@ def train(**overrides):
     return tiny_args(folders["data_root"], folders["log_dir"], **overrides)
 
 
-def case(script, args, rc, *needles, forbid=(), needs=(), id):
+IN_PROCESS = set()  # the ids of the rows that run in this process
+
+
+def case(script, args, rc, *needles, forbid=(), needs=(), id, in_process=None):
+    """A row. in_process (default: the argparse errors): the command line alone decides it, so
+    main(argv) runs in this process; else a subprocess."""
+    if rc == ARGPARSE if in_process is None else in_process:
+        IN_PROCESS.add(id)
     return pytest.param(script, args, rc, needles, forbid, needs, id=id)
 
 
@@ -161,6 +195,11 @@ CASES = [
          id="train-resume-weights-misfit"),
     case(T, train(resume="{weights}"), OURS, "holds weights only", "cannot resume",
          id="train-resume-weights-only"),
+    # the loader position counts batches of B*T tokens: another B or T would read other tokens
+    case(T, train(resume="{full}", micro_batch_size=1), OURS, "model_00003.pt was written with "
+         "--micro_batch_size 2 --sequence_length 32: resume needs the same", id="train-resume-other-B"),
+    case(T, train(resume="{full}", sequence_length=16), OURS, "model_00003.pt was written with "
+         "--micro_batch_size 2 --sequence_length 32: resume needs the same", id="train-resume-other-T"),
     case(T, train(resume="{full}", data_root="{data1}"), OURS, "saved loader position", "past the 1 shards",
          id="train-resume-loader-past-data"),
     case(T, train(resume="{foreign}"), OURS, NOT_OURS, forbid=("weights_only=False",),
@@ -184,9 +223,13 @@ CASES = [
     case(S, ["--checkpoint", "{foreign}"], OURS, NOT_OURS, forbid=("weights_only=False",),
          id="sample-foreign-checkpoint"),
     case(S, ["--checkpoint", "{misfit}"], OURS, "do not fit its config", id="sample-misfit"),
+    case(S, ["--checkpoint", "{not_ours}"], OURS, "not a checkpoint of train_gpt2.py",
+         id="sample-dict-not-a-checkpoint"),
     case(S, ["--checkpoint", "{short}"], OURS, "longer than the model's context", "block_size 16", id="sample-prompt-over-context"),
     case(S, ["--checkpoint", "{short}", "--top_k", "0"], ARGPARSE, "--top_k", "at least 1",
          id="sample-top_k-0"),
+    case(S, ["--checkpoint", "{short}", "--max_new_tokens", "4", "--top_k", "60000"], OURS,
+         "--top_k must be between 1 and 50257, got 60000", id="sample-top_k-above-vocab"),
     case(S, ["--checkpoint", "{short}", "--temperature", "0"], ARGPARSE, "--temperature", "at least",
          id="sample-temperature-0"),
     case(S, ["--checkpoint", "{short}", "--num_samples", "0"], ARGPARSE, "--num_samples", "at least 1",
@@ -231,12 +274,23 @@ CASES = [
     # --- bench.py
     case(B, ["--rungs", "9"], ARGPARSE, "--rungs", "expected rung numbers 1-7", id="bench-rungs-9"),
     case(B, ["--steps", "0"], ARGPARSE, "--steps", "at least 1", id="bench-steps-0"),
+    case(B, ["--rungs", "x"], ARGPARSE, "--rungs", "expected rung numbers 1-7", id="bench-rungs-x"),
+    case(B, ["--rungs", ""], ARGPARSE, "--rungs", "expected rung numbers 1-7", id="bench-rungs-empty"),
+    case(B, ["--rungs", "0"], ARGPARSE, "--rungs", "expected rung numbers 1-7", id="bench-rungs-0"),
+    case(B, ["--rungs", "1,8"], ARGPARSE, "--rungs", "expected rung numbers 1-7", id="bench-rungs-1,8"),
+    case(B, ["--warmup_steps", "-1"], ARGPARSE, "argument --warmup_steps: must be at least 0, not -1",
+         id="bench-warmup-neg"),
     case(B, ["--device", "tpu"], OURS, "--device must be cuda, mps or cpu", id="bench-device-tpu"),
+    case(B, ["--device", "cpu", "--n_embd", "30", "--n_head", "4"], OURS,
+         "--n_embd 30 is not a multiple of --n_head 4", id="bench-embd-head", in_process=True),
+    case(B, ["--device", "cuda"], OURS, "no usable CUDA", needs=("no-cuda",), id="bench-device-cuda",
+         in_process=True),
     case(B, ["--device", "cpu", "--sequence_length", "2048"], OURS, "--sequence_length 2048 is longer",
          id="bench-T-over-block"),
 
     # --- plot_log.py
-    case(P, ["{tmp}/log.txt"], OURS, "log.txt does not exist", id="plot-missing-log"),
+    case(P, ["{tmp}/log.txt"], OURS, "log.txt does not exist", id="plot-missing-log", in_process=True),
+    case(P, ["{partial_log}"], OURS, "no data lines", id="plot-no-data-lines"),
     case(P, ["{tmp}/log.txt", "--smooth", "2"], ARGPARSE, "--smooth", "[0, 1)", id="plot-smooth-2"),
     case(P, ["{short}"], OURS, "short.pt is not a log.txt", "binary data", id="plot-a-checkpoint"),
     # --- no script takes a prefix of a flag for the flag (argparse's allow_abbrev)
@@ -248,17 +302,39 @@ CASES = [
     # --- fineweb.py
     case(F, ["--local_dir", "{tmp}/out", "--max_tokens", "0"], OURS, "--max_tokens must be >= 1",
          id="fineweb-max_tokens-0"),
-    case(F, ["--local_dir", "{tmp}/out", "--shard_size", "0"], OURS, "--shard_size must be >= 1",
-         id="fineweb-shard_size-0"),
+    # the ranges come first: the missing --data_files is not looked at, nothing is written
+    case(F, ["--local_dir", "{tmp}/out", "--data_files", "{tmp}/missing.jsonl", "--max_tokens", "-5"], OURS,
+         "fineweb.py: error: --max_tokens must be >= 1 or omitted, not -5", id="fineweb-max_tokens-neg",
+         in_process=True),
+    case(F, ["--local_dir", "{tmp}/out", "--shard_size", "0"], OURS, "--shard_size must be >= 1, not 0",
+         id="fineweb-shard_size-0", in_process=True),
     case(F, ["--local_dir", "{tmp}/out", "--num_proc", "0"], OURS, "--num_proc must be >= 1",
-         id="fineweb-num_proc-0"),
+         id="fineweb-num_proc-0", in_process=True),
+    case(F, ["--local_dir", "{tmp}/out", "--num_proc", "two"], ARGPARSE, "--num_proc",
+         "invalid int value: 'two'", id="fineweb-num_proc-two"),
+    case(F, ["--local_dir", "{tmp}/out", "--shard_size", "1e6"], ARGPARSE, "fineweb.py: error: ",
+         "--shard_size", id="fineweb-shard_size-float"),
+    case(F, ["--local_dir", "{tmp}/out", "--overwrite", "maybe"], ARGPARSE, "fineweb.py: error: ",
+         "--overwrite", id="fineweb-overwrite-bad"),
     case(F, ["--local_dir", "{tmp}/out", "--data_files", "{tmp}/none*.jsonl"], OURS, "matches no file",
          id="fineweb-data_files-none"),
     case(F, ["--local_dir", "{a_file}"], OURS, "is a file, not a folder", id="fineweb-local_dir-is-file"),
+    case(F, ["--data_files", "{jsonl}", "--local_dir", "{data}"], OURS, "holds shards but no manifest.json",
+         "--overwrite", id="fineweb-shards-without-manifest"),
+    case(F, ["--data_files", "{jsonl}", "--local_dir", "{gone}", "--shard_size", "7000"], OURS,
+         "edufineweb_val_000000.npy, listed in", "manifest.json, is gone", id="fineweb-manifest-shard-gone"),
+    case(F, ["--data_files", "{mixed}/*", "--local_dir", "{tmp}/out"], OURS,
+         "--data_files must be all .parquet, all .jsonl/.json or all .txt, not .jsonl, .txt",
+         id="fineweb-mixed-inputs"),
 
     # --- bench_fineweb.py
     case(BF, ["--copies", "0"], ARGPARSE, "bench_fineweb.py: error", "must be", id="bench_fineweb-copies-0"),
 ]
+# the argparse errors that still run as a subprocess: the script's own exit path, once per kind
+SMOKE = {"train-B-0", "train-abbrev", "sample-top_k-0", "export-no-checkpoint", "plot-smooth-2",
+         "bench-rungs-9", "fineweb-abbrev", "bench_fineweb-copies-0"}
+SUBPROCESS_CASES = [c for c in CASES if c.id not in IN_PROCESS or c.id in SMOKE]
+IN_PROCESS_CASES = [c for c in CASES if c.id in IN_PROCESS and c.id not in SMOKE]
 
 
 # -----------------------------------------------------------------------------
@@ -284,7 +360,7 @@ def outcomes(files, tmp_path_factory, request):
                 if getattr(item, "originalname", None) == TEST_NAME and item.path == request.path}
     pool = ThreadPoolExecutor(max_workers=WORKERS)
     futures = {}
-    for param in CASES:
+    for param in SUBPROCESS_CASES:
         script, args, _, _, _, needs = param.values
         if param.id in selected and not any(HAS.get(need) for need in needs):
             names = dict(files, tmp=str(tmp_path_factory.mktemp(param.id)))
@@ -293,7 +369,8 @@ def outcomes(files, tmp_path_factory, request):
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-@pytest.mark.parametrize("script, args, rc, needles, forbid, needs", CASES)
+@pytest.mark.slow
+@pytest.mark.parametrize("script, args, rc, needles, forbid, needs", SUBPROCESS_CASES)
 def test_bad_input_fails_in_one_line(outcomes, request, script, args, rc, needles, forbid, needs):
     for need in needs:
         if HAS.get(need):
@@ -302,3 +379,44 @@ def test_bad_input_fails_in_one_line(outcomes, request, script, args, rc, needle
     line = one_line_error(p, *(n.format(**names) for n in needles), rc=rc)
     for bad in forbid:
         assert bad not in line, line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, args, message", [
+    (F, ["--max_tokens", "1000"], "cannot load HuggingFaceFW/fineweb-edu from the Hugging Face hub"),
+    (S, ["-m", "gpt2", "--device", "cpu"], "cannot load gpt2 from Hugging Face"),
+], ids=["fineweb", "sample"])
+def test_the_hub_offline_with_an_empty_cache_is_one_line(tmp_path, script, args, message):
+    """What a machine without network and without Hugging Face's cache gets, for real."""
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets")}
+    p = run(args + ["--local_dir", str(tmp_path / "out")] * (script == F), script=script, env=env,
+            check=False, timeout=120)
+    one_line_error(p, message, "HF_ENDPOINT", rc=1)
+
+
+class Unread(dict):
+    """The files a row names: the command line is rejected before any is looked at."""
+
+    def __missing__(self, key):
+        return f"/nonexistent/{key}"
+
+
+@pytest.mark.parametrize("script, args, rc, needles, forbid, needs", IN_PROCESS_CASES)
+def test_bad_command_line_fails_in_one_line_in_process(tmp_path, capsys, script, args, rc, needles,
+                                                        forbid, needs):
+    for need in needs:
+        if HAS.get(need):
+            pytest.skip(f"this machine has {need[3:]}")
+    main = importlib.import_module(script[:-3]).main
+    try:
+        code = main([a.format_map(Unread(tmp=str(tmp_path))) for a in args])
+    except SystemExit as e:  # argparse's exit, or fineweb's SystemExit(message): status 1
+        code = e.code
+    out, err = capsys.readouterr()
+    if isinstance(code, str):
+        err, code = err + code + "\n", 1
+    line = one_line_error(SimpleNamespace(returncode=code, stderr=err), *needles, rc=rc)
+    assert "error: " in line, line
+    for bad in forbid:
+        assert bad not in line, line
+    assert not os.listdir(tmp_path)  # nothing written

@@ -1,8 +1,8 @@
 """export_hf.py: the exported folder loads in transformers with our logits and tokenizer, and
-round-trips through our from_pretrained; its errors."""
+round-trips through our from_pretrained (its errors are in test_errors.py)."""
 import pytest
 import torch
-from conftest import one_line_error, run, tiny_checkpoint
+from conftest import tiny_checkpoint
 
 import export_hf
 import fineweb
@@ -49,16 +49,3 @@ def test_export_with_a_damaged_tokenizer_file_fails_in_one_line(tmp_path, monkey
     assert export_hf.main(["--checkpoint", ckpt, "--out", str(tmp_path / "hf")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "vocab.bpe is damaged" in err and "git checkout -- assets" in err, err
-
-
-def test_export_errors(tmp_path, capsys):
-    not_ours = tmp_path / "notes.pt"
-    not_ours.write_text("not a checkpoint")
-    one_line_error(run(["--checkpoint", str(not_ours), "--out", str(tmp_path / "hf")],
-                       script="export_hf.py", check=False), "not a readable checkpoint", rc=1)
-    assert not (tmp_path / "hf").exists()
-    assert export_hf.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", "x"]) == 1
-    assert "does not exist" in capsys.readouterr().err
-    ckpt, _ = tiny_checkpoint(tmp_path / "model.pt")
-    assert export_hf.main(["--checkpoint", ckpt, "--out", str(not_ours)]) == 1
-    assert "not a folder" in capsys.readouterr().err

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import fineweb
-from conftest import REPO, SHAKESPEARE, one_line_error
+from conftest import KILL_PRELUDE, REPO, SHAKESPEARE, one_line_error, run, start
 
 EOT = 50256
 S = 7000  # shard size of every test
@@ -167,29 +167,16 @@ def error_of(*args):
     return message
 
 
-def run_cli(*args, prelude=""):
+def run_cli(*args, prelude=None, env=None):
     """python fineweb.py ARGS in a subprocess (prelude: Python run first, e.g. to plant a kill)."""
-    code = f"import sys, fineweb\n{prelude}\nsys.exit(fineweb.main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *cli(*args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return run(cli(*args), script="fineweb.py", prelude=prelude, env=env, check=False, timeout=120)
 
 
 # -----------------------------------------------------------------------------
 # the module itself
 
 
-@pytest.mark.slow
-def test_import_is_cheap_and_names_are_exported():
-    code = ("import sys, fineweb; heavy = {'datasets', 'tiktoken', 'tqdm', 'torch'} & set(sys.modules); "
-            "print(sorted(heavy))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
-    # neither does its command line: it needs no trainer and no torch (the lecture's did not either)
-    code = ("import sys, contextlib, io, fineweb\nwith contextlib.redirect_stdout(io.StringIO()):\n"
-            "    try: fineweb.main(['--help'])\n    except SystemExit: pass\n"
-            "print(sorted({'torch', 'train_gpt2'} & set(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+def test_names_are_exported():  # that importing it is cheap: test_layout.py
     assert fineweb.LOCAL_DIR == str(REPO / "edu_fineweb10B")
     assert fineweb.shard_filename("val", 0) == "edufineweb_val_000000.npy"
     assert fineweb.shard_filename("train", 12) == "edufineweb_train_000012.npy"
@@ -234,6 +221,37 @@ def test_shards_equal_the_reference(corpus, tmp_path, monkeypatch):
     starts = np.flatnonzero(stream == EOT).tolist() + [len(stream)]
     decoded = [enc.decode(stream[a + 1:b].tolist()) for a, b in zip(starts, starts[1:])]
     assert decoded == docs
+
+
+def test_a_corpus_that_ends_on_a_shard_boundary(corpus, tmp_path, capsys):
+    """The stream fills its last shard exactly: no empty shard after it, the manifest says done,
+    and a rerun has nothing to do."""
+    enc = _CORPUS["tiktoken_gpt2"]
+    lengths = [1 + len(enc.encode_ordinary(d)) for d in corpus[0]]  # EOT + tokens per document
+    n = next(n for n in range(12, 40) if sum(lengths[:n]) % 2 == 0)  # the first n docs: 2 full shards
+    docs, length = corpus[0][:n], sum(lengths[:n])
+    size = length // 2
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    args = cli("--data_files", jsonl, "--local_dir", tmp_path / "out", "--shard_size", size, "--num_proc", 1)
+    assert fineweb.main(args) == 0
+    ref = reference_shards(docs, size)
+    assert shard_files(tmp_path / "out") == ref and len(ref) == 2
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["done"]
+    capsys.readouterr()
+    assert fineweb.main(args) == 0
+    assert capsys.readouterr().out.startswith(f"already done: {len(ref)} shards, {length:,} tokens")
+
+
+def test_txt_files_are_one_document_each(corpus, tmp_path):
+    """.txt inputs (datasets' text builder, a whole file per document), in the sorted order of
+    the glob's matches."""
+    docs = corpus[0][:40]
+    (tmp_path / "b.txt").write_text("\n\n".join(docs[20:]), encoding="utf-8")
+    (tmp_path / "a.txt").write_text("\n\n".join(docs[:20]), encoding="utf-8")
+    assert fineweb.main(cli("--data_files", tmp_path / "*.txt", "--local_dir", tmp_path / "out",
+                            "--shard_size", S, "--num_proc", 1)) == 0
+    assert shard_files(tmp_path / "out") == reference_shards(["\n\n".join(docs[:20]), "\n\n".join(docs[20:])], S)
 
 
 def test_max_tokens_stops_there(corpus, tmp_path, capsys):
@@ -356,38 +374,26 @@ def test_rerun_is_done_other_inputs_refused_overwrite_starts_over(corpus, tmp_pa
     assert shard_files(tmp_path) == before
 
 
-# Kill the process for real (SIGKILL, no cleanup) at two moments: right after the first shard was
-# renamed into place but before the manifest recorded it, and in the middle of the third shard's
-# write (its .tmp on disk, not yet renamed). A rerun must end with the bytes of one clean run.
-KILL = """
-import os, signal
-real_replace, count = os.replace, [0]
-def replace(src, dst):
-    count[0] += str(dst).endswith(".npy")
-    if count[0] == AT and MODE == "before_rename":
-        os.kill(os.getpid(), signal.SIGKILL)
-    real_replace(src, dst)
-    if count[0] == AT and MODE == "after_rename":
-        os.kill(os.getpid(), signal.SIGKILL)
-os.replace = replace
-"""
-
-
+# Kill the process for real (SIGKILL, no cleanup, conftest.KILL_PRELUDE) at two moments: right
+# after the first shard was renamed into place but before the manifest recorded it, and in the
+# middle of the third shard's write (its .tmp on disk, not yet renamed). A rerun must end with
+# the bytes of one clean run.
 @pytest.mark.slow
 @pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
-@pytest.mark.parametrize("mode, at, rows", [("after_rename", 1, "clean"), ("before_rename", 3, "clean"),
-                                            ("after_rename", 2, "with bad rows")])
+@pytest.mark.parametrize("mode, at, rows", [("after_save", 1, "clean"), ("before_rename", 3, "clean"),
+                                            ("after_save", 2, "with bad rows")])
 def test_killed_run_resumes_to_identical_files(corpus, bad_corpus, tmp_path, mode, at, rows):
     # with bad rows, the manifest's document index counts them: the rerun must skip exactly past them
     docs, jsonl, _ = corpus
     if rows != "clean":
         docs, bad, jsonl, _ = bad_corpus
     args = ["--data_files", jsonl, "--local_dir", tmp_path, "--shard_size", S, "--num_proc", 2]
-    killed = run_cli(*args, prelude=f"MODE, AT = {mode!r}, {at}\n{KILL}")
+    shard = fineweb.shard_filename("val" if at == 1 else "train", at - 1)  # the at-th shard written
+    killed = run_cli(*args, prelude=KILL_PRELUDE, env={"KILL_AT": f"{mode}:{shard}"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     ref = reference_shards(docs, S)
     left = shard_files(tmp_path)
-    assert len(left) == (at if mode == "after_rename" else at - 1)
+    assert len(left) == (at if mode == "after_save" else at - 1)
     assert all(left[name] == ref[name] for name in left)  # complete files only, never a truncated one
     recorded = json.loads((tmp_path / "manifest.json").read_text())["shards"]
     assert len(recorded) == at - 1
@@ -427,10 +433,9 @@ fineweb._encode = slow_encode
 def test_sigterm_or_ctrl_c_stops_in_one_line_and_the_rerun_continues(long_corpus, tmp_path, signum, group):
     jsonl, ref = long_corpus
     args = cli("--data_files", jsonl, "--local_dir", tmp_path, "--shard_size", S, "--num_proc", 2)
-    code = f"import sys, fineweb\n{SLOW_WORKERS}\nsys.exit(fineweb.main(sys.argv[1:]))"
-    env = dict(os.environ, TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")  # stderr: ours only
-    p = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    env = dict(TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")  # stderr: ours only
+    p = start(args, script="fineweb.py", prelude="import fineweb\n" + SLOW_WORKERS, env=env,
+              start_new_session=True)
     try:
         deadline = time.time() + 60
         while not (tmp_path / "edufineweb_val_000000.npy").exists() and p.poll() is None:
@@ -476,49 +481,6 @@ def test_file_without_text_column(tmp_path):
     pq.write_table(pa.table({"id": [1, 2], "content": ["a", "b"]}), path)
     result = run_cli("--data_files", path, "--local_dir", tmp_path / "out")
     one_line_error(result, "bad.parquet", "id", "content")
-
-
-def test_no_network_for_the_hub(monkeypatch, tmp_path):
-    import datasets
-
-    def offline(*args, **kwargs):
-        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub")  # what datasets says
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(SystemExit) as e:
-        fineweb.main(cli("--local_dir", tmp_path, "--max_tokens", 1000))
-    message = e.value.code
-    assert isinstance(message, str) and "\n" not in message and "--data_files" in message
-
-
-
-def test_ranges_are_checked_before_anything_is_read_or_written(tmp_path, capsys):
-    out = tmp_path / "out"
-    missing = tmp_path / "missing.jsonl"  # not looked at: the ranges come first
-    for args, message in [(["--max_tokens", 0], "--max_tokens must be >= 1 or omitted, not 0"),
-                          (["--max_tokens", -5], "--max_tokens must be >= 1 or omitted, not -5"),
-                          (["--shard_size", 0], "--shard_size must be >= 1, not 0"),
-                          (["--num_proc", -1], "--num_proc must be >= 1, not -1")]:
-        assert error_of("--data_files", missing, "--local_dir", out, *args) == f"fineweb.py: error: {message}"
-    assert not out.exists()
-
-    # argparse's own errors: one line too, exit status 2
-    for args in (["--shard_size", "1e6"], ["--overwrite", "maybe"], ["--no_such_flag"]):
-        with pytest.raises(SystemExit) as e:
-            fineweb.main(cli("--local_dir", out, *args))
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("fineweb.py: error: "), err
-    assert not out.exists()
-
-
-@pytest.mark.slow
-def test_exit_statuses_of_the_script(tmp_path):
-    result = run_cli("--max_tokens", 0, "--local_dir", tmp_path / "out")
-    one_line_error(result, "--max_tokens must be >= 1 or omitted")
-    assert result.returncode == 1
-    result = run_cli("--num_proc", "two", "--local_dir", tmp_path / "out")
-    one_line_error(result, "--num_proc", "invalid int value: 'two'")
-    assert result.returncode == 2
 
 
 def test_help_shows_every_default_and_the_environment(capsys):

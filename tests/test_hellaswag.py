@@ -1,16 +1,14 @@
 """Tests for hellaswag.py: data, rendering, scoring (against a naive second implementation),
-batching and torch.compile, and the standalone script's errors. CPU, offline."""
+batching and torch.compile (the script's errors are in test_errors.py). CPU, offline."""
 import itertools
 import json
 import os
-import subprocess
-import sys
 from collections import Counter
 from functools import lru_cache
 
 import pytest
 import torch
-from conftest import REPO, one_line_error, run
+from conftest import REPO, free_port
 from conftest import tiny_model as conftest_tiny_model
 
 import fineweb
@@ -56,16 +54,6 @@ def all_preds(model, rendered, **kw):
 # -----------------------------------------------------------------------------
 # import, data
 
-@pytest.mark.slow
-def test_import_is_cheap():
-    # the lecture's hellaswag.py imported transformers and built the tokenizer: ours must not
-    code = ("import sys, hellaswag; print(sorted(m for m in ('tiktoken', 'transformers', "
-            "'requests', 'train_gpt2') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout
-    assert out.strip() == "[]"
-
-
 def test_data_dir_follows_env(tmp_path, monkeypatch):
     monkeypatch.delenv("HELLASWAG_DIR", raising=False)
     assert hellaswag.data_dir() == os.path.join(str(REPO), "hellaswag") == hellaswag.DATA_DIR
@@ -73,16 +61,13 @@ def test_data_dir_follows_env(tmp_path, monkeypatch):
     assert hellaswag.data_dir() == str(tmp_path)
 
 
-def test_the_val_set_ships_with_the_repository(monkeypatch):
-    import requests
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("the val set went to the network although it ships in assets/")
-    monkeypatch.setattr(requests, "get", no_network)
+def test_the_val_set_ships_with_the_repository(http_server, monkeypatch):
+    monkeypatch.setattr(hellaswag, "URL", http_server.url + "/hellaswag_{split}.jsonl")
     assert hellaswag.download("val").endswith("assets/hellaswag/hellaswag_val.jsonl.gz")
     examples = list(hellaswag.iterate_examples("val"))
     assert len(examples) == 10042
     assert Counter(e["label"] for e in examples) == {0: 2515, 1: 2485, 2: 2584, 3: 2458}
+    assert http_server.seen == []  # no request at all
 
 
 GOOD = {"ctx": "A man is sitting on a roof. he", "label": 3,
@@ -110,33 +95,51 @@ def test_malformed_line_names_file_and_line(tmp_path, bad):
     assert str(path) in str(err.value)
 
 
-def test_download_uses_local_file_without_network(tmp_path, monkeypatch):
-    import requests
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("download() went to the network although the file is there")
-    monkeypatch.setattr(requests, "get", no_network)
+def test_download_uses_local_file_without_network(tmp_path, http_server, monkeypatch):
+    monkeypatch.setattr(hellaswag, "URL", http_server.url + "/hellaswag_{split}.jsonl")
     path = tmp_path / "hellaswag_val.jsonl"
     path.write_text(json.dumps(GOOD) + "\n")
     assert hellaswag.download("val", data_dir=tmp_path) == str(path)
     monkeypatch.setenv("HELLASWAG_DIR", str(tmp_path))
     assert hellaswag.download("val") == str(path)
     assert [e["label"] for e in hellaswag.iterate_examples("val")] == [3]
+    assert http_server.seen == []
 
 
-def test_download_without_network_says_where_to_put_the_file(tmp_path, monkeypatch):
-    import requests
+def test_download_from_a_real_server(tmp_path, http_server, monkeypatch):
+    """The test split (it does not ship) downloaded over HTTP from a server on 127.0.0.1:
+    the bytes served, in the data folder, and no second request once it is there."""
+    body = (json.dumps(GOOD) + "\n").encode() * 3
+    http_server.serve("/hellaswag_test.jsonl", body)
+    monkeypatch.setattr(hellaswag, "URL", http_server.url + "/hellaswag_{split}.jsonl")
+    folder = tmp_path / "data"
+    path = hellaswag.download("test", data_dir=folder)
+    assert path == str(folder / "hellaswag_test.jsonl") and open(path, "rb").read() == body
+    assert sorted(os.listdir(folder)) == ["hellaswag_test.jsonl"]  # no temporary file left
+    assert [e["label"] for e in hellaswag.iterate_examples("test", data_dir=folder)] == [3, 3, 3]
+    assert hellaswag.download("test", data_dir=folder) == path and http_server.seen == ["/hellaswag_test.jsonl"]
 
-    def no_network(*args, **kwargs):
-        raise requests.ConnectionError("no network")
-    monkeypatch.setattr(requests, "get", no_network)
+
+@pytest.mark.parametrize("fault", ["refused", "404", "cut short"])
+def test_a_failed_download_says_where_to_put_the_file_and_leaves_nothing(tmp_path, http_server,
+                                                                        monkeypatch, fault):
+    """Real faults: nothing listening, a 404, a connection that drops after half the bytes."""
+    url = http_server.url
+    if fault == "refused":
+        url = f"http://127.0.0.1:{free_port()}"
+    elif fault == "cut short":
+        body = (json.dumps(GOOD) + "\n").encode() * 50
+        http_server.serve("/hellaswag_test.jsonl", body[:len(body) // 2], length=len(body))
+    monkeypatch.setattr(hellaswag, "URL", url + "/hellaswag_{split}.jsonl")
     folder = tmp_path / "data"
     monkeypatch.setenv("HELLASWAG_DIR", str(folder))
     with pytest.raises(hellaswag.HellaSwagError) as err:
         hellaswag.download("test")  # val ships with the repository; test does not
     msg = str(err.value)
+    assert msg.startswith(f"cannot download {url}/hellaswag_test.jsonl (")
     assert "hellaswag_test.jsonl" in msg and str(folder) in msg and "HELLASWAG_DIR" in msg
-    assert "\n" not in msg and not folder.exists()  # one line; nothing half-written
+    assert "\n" not in msg  # one line
+    assert not folder.exists() or os.listdir(folder) == []  # nothing half-written
 
 
 # -----------------------------------------------------------------------------
@@ -320,18 +323,6 @@ def test_main_needs_exactly_one_model(capsys):
         assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
-def test_main_without_data_or_network(tmp_path, monkeypatch, capsys):
-    import requests
-
-    def no_network(*args, **kwargs):
-        raise requests.ConnectionError("no network")
-    monkeypatch.setattr(requests, "get", no_network)
-    monkeypatch.setenv("HELLASWAG_DIR", str(tmp_path))
-    assert hellaswag.main(["-m", "gpt2", "-d", "cpu", "--split", "train"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and str(tmp_path) in err, err
-
-
 def test_main_prints_acc(monkeypatch, capsys):
     # -m gpt2 without Hugging Face: from_pretrained returns our tiny random model
     model = tiny_model(seed=3)
@@ -341,11 +332,3 @@ def test_main_prints_acc(monkeypatch, capsys):
     c, cn, n = hellaswag.evaluate(model, val_rendered(10), "cpu", batch_size=1)
     assert n == 10 and 0 < cn < 10
     assert out[-2:] == [f"acc: {c}/10 = {c / 10:.4f}", f"acc_norm: {cn}/10 = {cn / 10:.4f}"]
-
-
-@pytest.mark.slow
-def test_main_foreign_checkpoint_is_one_line_error(tmp_path):
-    path = tmp_path / "not_ours.pt"
-    torch.save({"foo": 1}, path)
-    one_line_error(run(["--checkpoint", str(path), "-d", "cpu", "--limit", "4"],
-                       script="hellaswag.py", check=False), "not a checkpoint", rc=1)

@@ -1,9 +1,8 @@
 """plot_log.py: parsing the trainer's log (also a log being written), smoothing chosen from the
-run's length, the PNG, and its errors."""
+run's length, the PNG (its errors: test_errors.py)."""
 import os
 
 import pytest
-from conftest import one_line_error, run
 
 import plot_log
 
@@ -67,17 +66,6 @@ def test_plot_two_logs(tmp_path, capsys):
             "max HellaSwag -") in out
 
 
-def test_plot_errors(tmp_path, capsys):
-    assert plot_log.main([str(tmp_path / "nope" / "log.txt")]) == 1
-    assert "does not exist" in capsys.readouterr().err
-    empty = write_log(tmp_path / "empty" / "log.txt", "0 train 10.9")  # a partial line only
-    r = run([empty], script="plot_log.py", check=False)  # as a script: one line, no traceback
-    one_line_error(r, "no data lines", rc=1)
-    assert not (tmp_path / "empty" / "log.png").exists()
-    one_line_error(run([empty, "--smooth", "1.5"], script="plot_log.py", check=False),
-                   "--smooth", rc=2)
-
-
 def test_the_loss_axis_fits_the_run():
     def run_of(losses):
         return [("run", {"train": (list(range(len(losses))), losses), "val": ([], []), "hella": ([], [])})]
@@ -97,3 +85,23 @@ def test_a_run_folder_stands_for_its_log(tmp_path, capsys):
     assert plot_log.main([str(tmp_path / "log_demo")]) == 0
     assert (tmp_path / "log_demo" / "log.png").stat().st_size > 10_000
     assert "log_demo: min train loss 3.9000" in capsys.readouterr().out
+
+
+def test_a_run_that_diverged_plots_and_reports_its_finite_best(tmp_path, capsys):
+    """nan and inf losses (a diverged run) are drawn as gaps: the PNG is written, the loss
+    axis fits the finite points, and the summary's minimum is a finite loss."""
+    log = write_log(tmp_path / "run" / "log.txt", "0 train 10.9\n0 val 10.95\n1 train 9.5\n2 train nan\n"
+                    "3 train inf\n4 train 9.25\n4 val nan\n")
+    assert plot_log.main([log, "--out", str(tmp_path / "run.png")]) == 0
+    assert (tmp_path / "run.png").stat().st_size > 10_000
+    assert "run: min train loss 9.2500 (step 4), min val loss 10.9500 (step 0), max HellaSwag -" in \
+        capsys.readouterr().out
+
+
+def test_two_runs_in_folders_of_the_same_name_are_labelled_by_their_paths(tmp_path, capsys):
+    a = write_log(tmp_path / "a" / "log" / "log.txt", "0 train 10.0\n")
+    b = write_log(tmp_path / "b" / "log" / "log.txt", "0 train 11.0\n")
+    assert plot_log.main([a, b, "--out", str(tmp_path / "both.png")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [f"{tmp_path}/a/log: min train loss 10.0000 (step 0), min val loss -, max HellaSwag -",
+                       f"{tmp_path}/b/log: min train loss 11.0000 (step 0), min val loss -, max HellaSwag -"]

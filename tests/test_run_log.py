@@ -7,7 +7,7 @@ import re
 import signal
 
 import pytest
-from conftest import (KILL_PRELUDE, make_shards, one_line_error, read_log, read_tensorboard, read_wandb,
+from conftest import (KILL_PRELUDE, check_resumed, one_line_error, read_log, read_tensorboard, read_wandb,
                       run, tiny_args, wandb_points)
 
 import train_gpt2
@@ -19,11 +19,6 @@ SIGTERM_IN_HELLASWAG = ("import os, signal, hellaswag\nreal, calls = hellaswag.s
                         "        os.kill(os.getpid(), signal.SIGTERM)\n    return real(*a)\n"
                         "hellaswag.score = score\n")
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("data"))
 
 
 def points(rows, kind):
@@ -77,7 +72,8 @@ def test_stopped_and_resumed_run_logs_every_step_once_to_wandb_and_tensorboard(d
     assert "stopped by a signal during the HellaSwag evaluation of step 4" in p.stdout
     assert (4, "val") in [(s, k) for s, k, _ in read_log(log_dir)]
     p2 = run(tiny_args(data, log_dir, resume="auto", **flags), env=OFFLINE)
-    assert "at step 4" in p2.stdout and "may already hold" not in p2.stdout
+    check_resumed(p2.stdout, 4)
+    assert "may already hold" not in p2.stdout
     rows = read_log(log_dir)
     assert [s for s, _ in points(rows, "train")] == list(range(8))
 
@@ -127,9 +123,11 @@ def test_killed_runs_resumed_keep_each_step_once(data, tmp_path):
         p = run(tiny_args(data, log_dir, resume=resume, **flags), prelude=KILL_PRELUDE, check=False,
                 env={"KILL_AT": f"after_save:{at}", **OFFLINE})
         assert p.returncode == -signal.SIGKILL
+    check_resumed(p.stdout, 3)  # the second: resumed at step 3, killed after step 5's save
     assert [s for s, _ in points(read_log(log_dir), "train")] == list(range(6))
     p = run(tiny_args(data, log_dir, resume=os.path.join(log_dir, "model_00003.pt"), **flags), env=OFFLINE,
             torchrun=2)
+    check_resumed(p.stdout, 3, os.path.join(log_dir, "model_00003.pt"))
     assert p.stdout.count("may already hold steps 3-5") == 1 and "sends from step 6 on" in p.stdout
     rows = read_log(log_dir)
     for tag, kind in [("train/loss", "train"), ("val/loss", "val")]:

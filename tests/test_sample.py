@@ -1,13 +1,12 @@
 """sample.py: the KV cache against the model's own forward, the same tokens with and without
-it, determinism, the padded vocabulary, and its errors. (That its output equals the training
-loop's samples on the same checkpoint is tested in test_train.py.)"""
-import pytest
+it, determinism, the padded vocabulary, the context boundary. (Its errors are in
+test_errors.py; that its output equals the training loop's samples on the same checkpoint is
+tested in test_train.py.)"""
 import torch
-from conftest import one_line_error, random_tokens, run, tiny_checkpoint, tiny_model
+from conftest import random_tokens, tiny_checkpoint, tiny_model
 
 import fineweb
 import sample
-import train_gpt2
 
 PROMPT = "Hello, I'm a language model,"
 
@@ -74,14 +73,32 @@ def test_sample_never_emits_padding_tokens(tmp_path):
     enc.decode(out[0].tolist())
 
 
-def test_sample_errors(tmp_path, capsys):
+def test_prompt_and_new_tokens_may_fill_the_context_exactly(tmp_path, capsys):
+    """The boundary: one token more is the one-line error (the other errors: tests/test_errors.py)."""
     ckpt, _ = tiny_checkpoint(tmp_path / "model.pt")  # block_size 64; the prompt is 8 tokens
     assert sample.main(["--checkpoint", ckpt, "--device", "cpu", "--max_new_tokens", "57"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "65 tokens" in err and "block_size 64" in err
     assert sample.main(["--checkpoint", ckpt, "--device", "cpu", "--max_new_tokens", "56",
                         "--num_samples", "1"]) == 0  # exactly the context: fine
-    not_ours = tmp_path / "weights.pt"
-    torch.save({"state_dict": {}}, not_ours)
-    one_line_error(run(["--checkpoint", str(not_ours), "--device", "cpu"], script="sample.py",
-                       check=False), "not a checkpoint of train_gpt2.py", rc=1)
+
+
+def test_prompt_and_temperature_from_the_command_line(tmp_path, capsys):
+    """--prompt is continued; a temperature near 0 samples the likeliest token every time:
+    greedy decoding, here computed with the model's plain forward pass, the same in every sample."""
+    ckpt, model = tiny_checkpoint(tmp_path / "model.pt")
+    enc = fineweb.gpt2_encoding()
+    idx = torch.tensor([enc.encode("ROMEO:")])
+    with torch.no_grad():
+        for _ in range(6):
+            logits, _ = model(idx)
+            idx = torch.cat([idx, logits[:, -1, :50257].argmax(-1, keepdim=True)], dim=1)
+    greedy = enc.decode(idx[0].tolist())
+    args = ["--checkpoint", ckpt, "--device", "cpu", "--prompt", "ROMEO:", "--num_samples", "2",
+            "--max_new_tokens", "6"]
+    assert sample.main(args + ["--temperature", "1e-6"]) == 0
+    assert capsys.readouterr().out == f"sample 0: {greedy}\nsample 1: {greedy}\n"
+    assert sample.main(args + ["--temperature", "5"]) == 0  # flat: not the greedy text
+    hot = capsys.readouterr().out.splitlines()
+    assert all(line.startswith("sample ") and ": ROMEO:" in line for line in hot)
+    assert f"sample 0: {greedy}" not in hot

@@ -3,14 +3,11 @@ losses as DDP, exact resume, checkpoints that move between DDP, FSDP and one pro
 memory estimate against measured peaks, and torchrun across two "nodes" on one machine."""
 import gc
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import (KILL_PRELUDE, REPO, checkpoint_names, log_text, make_shards,
-                      read_log, run, tiny_args)
+from conftest import (KILL_PRELUDE, REPO, check_resumed, checkpoint_names, free_port, log_text,
+                      make_shards, read_log, run, start, tiny_args)
 
 import train_gpt2
 
@@ -92,11 +89,6 @@ def test_activation_checkpointing_gives_identical_losses(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
 def fsdp_clean(data, tmp_path_factory):
     """An uninterrupted 2-process FSDP run of 12 steps, and the same with DDP."""
     logs = {}
@@ -127,7 +119,9 @@ def test_fsdp_sigkill_and_resume_is_exact(data, fsdp_clean, tmp_path):
     p = run(tiny_args(data, log_dir, max_steps=12, checkpoint_interval=5, fsdp=1), torchrun=2,
             prelude=KILL_PRELUDE, env={"KILL_AT": "after_save:model_00005.pt"}, check=False)
     assert p.returncode != 0 and checkpoint_names(log_dir) == ["model_00005.pt"]
-    run(tiny_args(data, log_dir, max_steps=12, checkpoint_interval=5, fsdp=1, resume="auto"), torchrun=2)
+    p = run(tiny_args(data, log_dir, max_steps=12, checkpoint_interval=5, fsdp=1, resume="auto", seed=7),
+            torchrun=2)
+    check_resumed(p.stdout, 5)  # another --seed: a run started over would diverge
     assert log_text(log_dir) == log_text(fsdp_clean["fsdp"])
 
 
@@ -139,11 +133,12 @@ def test_resume_moves_between_ddp_fsdp_and_one_process(data, fsdp_clean, tmp_pat
     for name in ("model_00005.pt", "log.txt"):  # the writer's run, as if killed after step 5's save
         with open(os.path.join(fsdp_clean[writer], name), "rb") as f, open(os.path.join(log_dir, name), "wb") as g:
             g.write(f.read())
-    flags = dict(max_steps=12, checkpoint_interval=5, resume="auto")
+    flags = dict(max_steps=12, checkpoint_interval=5, resume="auto", seed=7)  # a restart would diverge
     if reader == "fsdp":
-        run(tiny_args(data, log_dir, fsdp=1, **flags), torchrun=2)
+        p = run(tiny_args(data, log_dir, fsdp=1, **flags), torchrun=2)
     else:
-        run(tiny_args(data, log_dir, **flags))
+        p = run(tiny_args(data, log_dir, **flags))
+    check_resumed(p.stdout, 5)
     for (s, k, a), (_, _, b) in zip(read_log(log_dir), read_log(fsdp_clean["fsdp"]), strict=True):
         assert a == pytest.approx(b, abs=2e-5), (s, k)
 
@@ -203,10 +198,16 @@ def measured_peak(cfg, dtype):
     return max(total for t, _, total in allocations if window[0] <= t <= window[1]) - base
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("checkpointing", [0, 1])
-@pytest.mark.parametrize("shape", [dict(n_layer=4, n_head=2, n_embd=128, vocab_size=4096, micro_batch_size=8),
-                                   dict(n_layer=8, n_head=4, n_embd=256, vocab_size=512, micro_batch_size=16)])
+WIDE_VOCAB = dict(n_layer=4, n_head=2, n_embd=128, vocab_size=4096, micro_batch_size=8)  # the logits dominate
+DEEP = dict(n_layer=8, n_head=4, n_embd=256, vocab_size=512, micro_batch_size=16)  # the blocks dominate
+
+
+# each of the estimate's four activation formulas (float32 or autocast, with or without
+# activation checkpointing) once, and each shape with both dtypes and both checkpointing values
+@pytest.mark.parametrize("shape, checkpointing, dtype", [
+    (WIDE_VOCAB, 0, torch.float32), (WIDE_VOCAB, 1, torch.bfloat16),
+    (DEEP, 0, torch.bfloat16), (DEEP, 1, torch.float32)], ids=["wide-fp32", "wide-ckpt-bf16",
+                                                              "deep-bf16", "deep-ckpt-fp32"])
 def test_memory_estimate_within_5_percent_of_the_measured_peak(shape, checkpointing, dtype):
     """Tolerance 5% (measured: within 2.1%): the estimate counts the tensors an eager step keeps at its peak,
     leaving out a few small ones (LayerNorm statistics, attention's logsumexp, the batch)."""
@@ -224,20 +225,12 @@ def test_memory_estimate_within_5_percent_of_the_measured_peak(shape, checkpoint
 # -----------------------------------------------------------------------------
 # two nodes of one process each, on this machine
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def two_nodes(args_per_node):
     port = free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-         f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-         "--rdzv_id=test", str(REPO / "train_gpt2.py")] + args, cwd=REPO, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        for node, args in enumerate(args_per_node)]
+    procs = [start(["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+                    "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test",
+                    str(REPO / "train_gpt2.py")] + args, script=None)
+             for node, args in enumerate(args_per_node)]
     return [(p.wait(timeout=300), *p.communicate()) for p in procs]
 
 

@@ -82,14 +82,13 @@ def test_two_processes_equal_one_process_and_mfu_is_per_process(tmp_path):
     # crossed shard boundaries in the middle of a pair, and 6 x 4 micro-batches wrapped around
     loader = train_gpt2.DataLoaderLite(2, 32, 0, 1, "train", data)
     assert loader.batches_per_shard == [5, 5, 6] and 6 * 4 > sum(loader.batches_per_shard)
-    # MFU = (tokens/s / 2 processes) * flops per token / peak
-    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=64, vocab_size=VOCAB, n_layer=2,
-                                                n_head=2, n_embd=32))
-    flops = train_gpt2.flops_per_token(model, 32)
+    # MFU = (tokens/s / 2 processes) * flops per token / peak, by hand: the model's 43,904
+    # parameters (its startup line), 6N = 263,424 plus attention's 12 x 2 layers x 32 channels
+    # x T 32 = 24,576: 288,000 FLOPs per token; the peak 1e-4 TFLOPS = 1e8 FLOP/s
     steps = re.findall(r"tok/sec: ([\d.]+) \| mfu ([\d.]+)%", p.stdout)
     assert len(steps) == 6
     for tokens_per_sec, printed in steps:
-        want = 100 * train_gpt2.mfu(float(tokens_per_sec) / 2, flops, 1e-4)
+        want = 100 * (float(tokens_per_sec) / 2) * 288_000 / 1e8
         assert float(printed) == pytest.approx(want, abs=0.051)
 
 
@@ -179,3 +178,18 @@ def test_without_triton_compile_auto_runs_eager_and_compile_1_fails_at_start(tmp
             check=False)
     one_line_error(p, "--compile 1: torch.compile needs Triton on CUDA", rc=1)
     assert not os.path.exists(tmp_path / "log")
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-3])
+def test_grad_clip_0_leaves_the_gradient_whole(tmp_path, grad_clip):
+    """--grad_clip 0: the step takes the whole gradient (its norm, computed here, is the one
+    reported); a clip of 1e-3 scales it down to that norm."""
+    data = make_shards(tmp_path / "data")
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=64, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
+    optimizer = model.configure_optimizers(0.1, 6e-4, "cpu")
+    loader = train_gpt2.DataLoaderLite(2, 32, 0, 1, "train", data)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    _, norm = train_gpt2.train_step(model, optimizer, scaler, loader, 2, 6e-4, grad_clip, "cpu", torch.float32)
+    stepped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+    assert norm.item() > 0.1  # the tiny model's gradient at its init: far above 1e-3
+    assert stepped.item() == pytest.approx(norm.item() if grad_clip == 0 else grad_clip, rel=1e-4)
