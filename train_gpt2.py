@@ -407,6 +407,7 @@ class TrainConfig:
     # the machine
     device: str = flag("auto", "cuda, mps or cpu (auto: the first there is)")
     fsdp: bool = flag(False, "torchrun: shard weights, gradients, AdamW state (FSDP2), not DDP")
+    ddp_timeout: int = flag(1800, "torchrun: seconds a process waits for the others (a 1.5B save) before it fails", low=1)
     activation_checkpointing: bool = flag(False, "recompute activations in the backward: less memory")
     dtype: str = flag("auto", "autocast dtype, or auto: bfloat16 on CUDA, else float16 + scaler on old GPUs, "
                       "float32 off CUDA", choices=("auto", "float32", "bfloat16", "float16"))
@@ -469,8 +470,8 @@ def train(cfg, stop):
         if device == "cuda":
             device = f"cuda:{ddp_local_rank}"
             torch.cuda.set_device(device)
-        # the lecture's DDP needed CUDA (NCCL); gloo runs it on CPUs too
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        # the lecture's DDP needed CUDA (NCCL); gloo runs it on CPUs too (beyond it: bounded waits)
+        init_process_group("nccl" if device.startswith("cuda") else "gloo", cfg.ddp_timeout)
     else:
         ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
     master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
@@ -863,6 +864,38 @@ def estimate_memory(cfg, n_params, dtype, world_size):
                static + grads + BT * (logits + block + 20 * C),  # a block's backward
                static + grads + BT * logits + 8 * max(V * C, 4 * C * C) / shard)  # AdamW
     return weights, grads, adam, activations, peak
+
+
+# -----------------------------------------------------------------------------
+# The process group: waits that end, and torchrun's restarts
+
+def init_process_group(backend, timeout_s):
+    """The process group of torchrun's processes, with two fixes:
+    - every wait on another process (the start, a collective) fails after timeout_s seconds
+      instead of hanging on a process that died or hangs (NCCL: with torchrun's
+      TORCH_NCCL_ASYNC_ERROR_HANDLING, its watchdog aborts the process);
+    - torchrun --max-restarts keeps one TCPStore for all attempts of a run (its rendezvous
+      store, shared with the workers), so the keys that the process group of a dead attempt
+      wrote, such as each rank's gloo/NCCL address, are still there when the restarted workers
+      start: one of them may read the dead peer's address and fail to connect, or wait forever.
+      Each attempt's keys get a prefix of their own."""
+    from datetime import timedelta
+    timeout = timedelta(seconds=timeout_s)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    try:
+        if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            dist.init_process_group(backend=backend, timeout=timeout)  # env://: a store of its own
+            return
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=False, timeout=timeout)  # torchrun's agent serves it
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"train_gpt2/attempt{attempt}", store),
+                                rank=rank, world_size=world_size, timeout=timeout)
+    except RuntimeError as e:  # DistStoreError, DistNetworkError, gloo's: a process never came
+        if not PEER_TIMEOUT.search(str(e)):
+            raise
+        raise PeerLost(f"the {world_size} processes did not all start within --ddp_timeout "
+                       f"{timeout_s}s ({str(e).strip().splitlines()[-1][:200]})") from None
 
 
 # -----------------------------------------------------------------------------
@@ -1451,6 +1484,12 @@ def report_start(cfg, device, dtype, dtype_why, use_compile, compile_why, raw_mo
 # how gloo and NCCL report that a peer process went away
 PEER_LOST = re.compile(r"closed by peer|reset by peer|remote worker|remote process|Broken pipe|"
                        r"NCCL communicator was aborted|Failed to recv")
+# ... and that it did not answer within the process group's timeout (--ddp_timeout)
+PEER_TIMEOUT = re.compile(r"[Tt]imed out|[Tt]imeout")
+
+
+class PeerLost(UserError):
+    """Another process of the run died or hangs: every process that waited on it says so."""
 
 
 def main(argv=None):
@@ -1468,12 +1507,17 @@ def main(argv=None):
     except (UserError, fineweb.AssetError) as e:
         # before the process group, every process fails alike: one line per node; after it, an
         # error may be one process's own (its node's data, its GPU): each says it
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if isinstance(e, PeerLost) or dist.is_initialized() and dist.get_world_size() > 1:
             print(f"error: rank {rank}: {e}", file=sys.stderr)
         elif local_rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1
-    except RuntimeError as e:  # a collective failed because another process died
+    except RuntimeError as e:  # a collective failed because another process died or hangs
+        if dist.is_initialized() and PEER_TIMEOUT.search(str(e)):  # each waiting process says it
+            print(f"error: rank {rank}: no answer from another process of this run within "
+                  f"--ddp_timeout {cfg.ddp_timeout}s: it died or hangs (a stopped job, a dead node, "
+                  "a save slower than that: raise --ddp_timeout)", file=sys.stderr)
+            return 1
         if not (dist.is_initialized() and PEER_LOST.search(str(e))):
             raise
         if local_rank == 0:
