@@ -47,6 +47,7 @@ SHARD_SIZE = 10**8  # tokens per shard
 EOT = 50256  # GPT-2's <|endoftext|>, in front of (not after) every document
 DOCS_PER_TASK = 256  # documents per pool task: ~1 MB of FineWeb-Edu text, so task overhead vanishes
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+LOCK = "fineweb.lock"  # in --local_dir while a run writes there
 # the oldest versions with Encoding.encode_to_numpy and Dataset.skip (checked in their wheels)
 TIKTOKEN_MIN, DATASETS_MIN = "0.9.0", "2.19.0"
 
@@ -351,6 +352,73 @@ def check_folder(out, identity, overwrite):
 
 
 # -----------------------------------------------------------------------------
+# One run per folder: a lock file held for the run's length (this script's --local_dir, and
+# train_gpt2.py's --log_dir), so that a forgotten second run cannot interleave its files
+
+class FolderInUse(Exception):
+    """Another live process holds the folder's lock: one line that names it."""
+
+
+_held = {}  # path -> the open lock file, for the life of the process (one lock per folder)
+
+
+def lock_folder(folder, name, what, wait=False):
+    """Locks <folder>/<name> until release_folder() or the process's end; True if this call
+    took it. The kernel drops the lock of a process that dies, even by SIGKILL, so a killed
+    run's file never blocks (its pid and host stay in it until the next run writes its own).
+    A second process gets FolderInUse naming the holder (wait=True: it waits for it instead).
+    POSIX lockf, not flock: a child forked by the pool does not inherit it, so no orphaned
+    worker holds it after its parent was killed; NFS honours it. Windows locks one byte past
+    the text (msvcrt), so that the holder's line stays readable. A filesystem without locks
+    (Lustre mounted without -o flock) runs unlocked, with a warning."""
+    path = os.path.join(folder, name)
+    if path in _held:  # taken by this process already (the demo's trainer, then fineweb.main)
+        return False
+    while True:
+        f = open(path, "a+")
+        try:
+            if os.name == "nt":
+                import msvcrt
+                f.seek(1 << 20)
+                msvcrt.locking(f.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.lockf(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as e:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            if isinstance(e, (BlockingIOError, PermissionError)):
+                raise FolderInUse(f"{folder} is in use by {holder or 'another process'}: {what}") from None
+            print(f"warning: cannot lock {path} ({e.strerror or e}): nothing stops a second run "
+                  "from using this folder at the same time", file=sys.stderr)
+            return False
+        try:  # the file we locked is still the one under that name (not one removed meanwhile)
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    import socket
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _held[path] = f
+    return True
+
+
+def release_folder(folder, name):
+    """Removes the lock file (while still locked: a process waiting on it sees that and takes a
+    new one) and drops the lock."""
+    f = _held.pop(os.path.join(folder, name), None)
+    if f is not None:
+        with contextlib.suppress(OSError):  # Windows: an open file cannot be removed
+            os.remove(f.name)
+        f.close()
+
+
+# -----------------------------------------------------------------------------
 # The pipeline: documents -> one token stream -> shards of shard_size
 
 
@@ -535,6 +603,19 @@ def main(argv=None):
     args = parse_args(argv)
     files, builder = find_data_files(args.data_files) if args.data_files else ([], None)
     out = make_folder(args.local_dir)
+    try:
+        locked = lock_folder(out, LOCK, "another fineweb.py is writing shards there; wait for it, or stop it")
+    except FolderInUse as e:
+        fail(e)
+    try:
+        return write_folder(args, files, builder, out)
+    finally:
+        if locked:
+            release_folder(out, LOCK)
+
+
+def write_folder(args, files, builder, out):
+    """main()'s work, under the folder's lock."""
     identity = {"source": {"data_files": files} if files else {"dataset": DATASET, "config": CONFIG},
                 "shard_size": args.shard_size, "max_tokens": args.max_tokens}
     manifest = check_folder(out, identity, args.overwrite)

@@ -791,8 +791,15 @@ def write_demo_shards(cfg):
     """--demo's data: tiny shakespeare's shards in --data_root, written by fineweb.py's own code
     on first use (by a node's first process; the others wait for it). Later runs find them done."""
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        fineweb.main(["--data_files", fineweb.asset_path("tinyshakespeare", "input.txt"), "--local_dir",
-                      cfg.data_root, "--shard_size", str(DEMO_SHARD_SIZE), "--num_proc", "1"])
+        # on a shared filesystem each node's first process takes the folder in turn (waiting
+        # for the one that writes it), then finds the shards done
+        os.makedirs(cfg.data_root, exist_ok=True)
+        fineweb.lock_folder(cfg.data_root, fineweb.LOCK, "", wait=True)
+        try:
+            fineweb.main(["--data_files", fineweb.asset_path("tinyshakespeare", "input.txt"), "--local_dir",
+                          cfg.data_root, "--shard_size", str(DEMO_SHARD_SIZE), "--num_proc", "1"])
+        finally:
+            fineweb.release_folder(cfg.data_root, fineweb.LOCK)
         return
     manifest = os.path.join(cfg.data_root, "manifest.json")
     for _ in range(600):
@@ -1138,6 +1145,7 @@ def maybe_resume(cfg, raw_model, optimizer, scaler, train_loader, log):
 # The log folder: what a fresh start may overwrite, and the log after a resume
 
 OUR_FILES = re.compile(r"(model_\d+\.pt|log\.txt|config\.json|wandb_run\.json)(\.tmp)?")
+LOCK = "train_gpt2.lock"  # in --log_dir while a run uses it (fineweb.lock_folder)
 
 
 def check_log_dir(cfg):
@@ -1152,6 +1160,13 @@ def check_log_dir(cfg):
                 pass
         except OSError as e:
             raise UserError(f"cannot write to --log_dir {cfg.log_dir} ({e.strerror or e})") from None
+        # one run per folder, before anything in it is read or deleted: rank 0, the only writer
+        # (one lock for all nodes, on a shared filesystem), holds it until main() returns
+        try:
+            fineweb.lock_folder(cfg.log_dir, LOCK, "another run of train_gpt2.py writes its log and "
+                                "checkpoints there (a forgotten window?); stop it, or choose another --log_dir")
+        except fineweb.FolderInUse as e:
+            raise UserError(e) from None
     if cfg.resume or not list_checkpoints(cfg.log_dir):
         return
     if not cfg.overwrite:
@@ -1495,6 +1510,7 @@ class PeerLost(UserError):
 def main(argv=None):
     stop = StopRequest()  # first of all: a SIGTERM during the start must not kill silently
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    cfg = None
     try:
         cfg = parse_args(argv)
         check_log_dir(cfg)
@@ -1545,6 +1561,8 @@ def main(argv=None):
         return 130
     finally:
         stop.restore()
+        if rank == 0 and cfg is not None:
+            fineweb.release_folder(cfg.log_dir, LOCK)
         if dist.is_initialized():
             # DDP sits in a reference cycle: free it while the process group lives (left to
             # the interpreter's exit, gloo sometimes aborts with "terminate called ...")

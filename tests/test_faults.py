@@ -25,7 +25,7 @@ if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and os.environ.get("
     time.sleep(float(os.environ.get("RESTART_DELAY", "0")))
 real_train_step, calls = train_gpt2.train_step, [0]
 def train_step(*args, **kwargs):
-    if (calls[0] == int(os.environ["KILL_STEP"]) and os.environ.get("LOCAL_RANK") == os.environ["KILL_RANK"]
+    if (calls[0] == int(os.environ["KILL_STEP"]) and os.environ.get("LOCAL_RANK", "0") == os.environ["KILL_RANK"]
             and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
         os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
     calls[0] += 1
@@ -122,3 +122,77 @@ def test_a_rank_waiting_on_a_hung_or_missing_peer_exits_with_one_line(data, tmp_
     if fault == "hangs":
         assert "step     2" in out and "step     3" not in out, out[-2000:]  # it waited at step 3
     assert elapsed < 60 + 2 * timeout, elapsed  # the start (imports) plus the timeout, not forever
+
+
+# -----------------------------------------------------------------------------
+# one run per folder: a second run is refused while the first lives; a killed one never blocks
+
+def stopped_run(cmd, env):
+    """A subprocess, returned once it has stopped itself (SIGSTOP): alive, holding its files."""
+    p = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", **env), text=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    _, status = os.waitpid(p.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), p.stderr.read()[-3000:]
+    return p
+
+
+def kill_group(p):
+    os.killpg(p.pid, signal.SIGKILL)
+    os.killpg(p.pid, signal.SIGCONT)  # a stopped process dies only once it runs
+    p.wait()
+
+
+def call_main(main, argv, capsys):
+    """A script's main(argv) in this process: (exit status, stdout, stderr)."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # fineweb.fail() and argparse exit
+        rc = e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name == "nt", reason="SIGSTOP, SIGKILL")
+def test_a_second_run_into_the_log_dir_is_refused_and_a_killed_runs_lock_never_blocks(data, tmp_path, capsys):
+    import train_gpt2
+    log_dir = str(tmp_path / "log")
+    first = stopped_run([sys.executable, script_with_prelude(tmp_path, STEP_PRELUDE)] + tiny_args(data, log_dir),
+                        env=dict(KILL_STEP="2", KILL_RANK="0", SIGNAL="SIGSTOP"))
+    try:
+        for flags in (dict(resume="auto"), dict(overwrite=1)):  # neither may touch its files
+            rc, out, err = call_main(train_gpt2.main, tiny_args(data, log_dir, **flags), capsys)
+            assert rc == 1 and len(err.strip().splitlines()) == 1, err
+            assert err.startswith(f"error: {log_dir} is in use by pid {first.pid} on host "
+                                  f"{socket.gethostname()}, since "), err
+        assert sorted(os.listdir(log_dir)) == ["config.json", "log.txt", "train_gpt2.lock"]
+    finally:
+        kill_group(first)  # SIGKILL: no cleanup; its lock file stays, unlocked
+    assert os.path.exists(os.path.join(log_dir, "train_gpt2.lock"))
+    rc, out, err = call_main(train_gpt2.main, tiny_args(data, log_dir, resume="auto"), capsys)
+    assert rc == 0, err
+    assert "train_gpt2.lock" not in os.listdir(log_dir)  # a run that ends removes it
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name == "nt", reason="SIGSTOP, SIGKILL")
+def test_a_second_fineweb_into_the_local_dir_is_refused_and_a_killed_runs_lock_never_blocks(tmp_path, capsys):
+    import fineweb
+    from conftest import SHAKESPEARE
+    out_dir = str(tmp_path / "shards")
+    argv = ["--data_files", str(SHAKESPEARE), "--local_dir", out_dir, "--shard_size", "50000", "--num_proc", "1"]
+    prelude = ("import os, signal, fineweb\nreal = fineweb.write_shard\n"
+               "def write_shard(path, tokens):\n    os.kill(os.getpid(), signal.SIGSTOP)\n"
+               "    real(path, tokens)\nfineweb.write_shard = write_shard\n")
+    first = stopped_run([sys.executable, script_with_prelude(tmp_path, prelude, module="fineweb")] + argv, env={})
+    try:
+        rc, out, err = call_main(fineweb.main, argv, capsys)
+        assert rc == 1 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"fineweb.py: error: {out_dir} is in use by pid {first.pid} on host "), err
+    finally:
+        kill_group(first)
+    rc, out, err = call_main(fineweb.main, argv, capsys)
+    assert rc == 0 and "wrote 7 shards" in out, (out, err)
+    assert sorted(os.listdir(out_dir))[-1] == "manifest.json" and "fineweb.lock" not in os.listdir(out_dir)

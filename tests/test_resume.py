@@ -36,7 +36,9 @@ def killed(data, log_dir, at, torchrun=0, **flags):
 
 
 def files(log_dir):
-    return {n: open(os.path.join(log_dir, n), "rb").read() for n in sorted(os.listdir(log_dir))}
+    """The run's files (not the lock, which each run takes and removes at its end)."""
+    return {n: open(os.path.join(log_dir, n), "rb").read() for n in sorted(os.listdir(log_dir))
+            if n != "train_gpt2.lock"}
 
 
 # -----------------------------------------------------------------------------
@@ -47,7 +49,7 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(data, clean_log, tmp_path
     log_dir = str(tmp_path / log_name)
     p = killed(data, log_dir, "after_save:model_00003.pt")
     assert p.returncode == -signal.SIGKILL
-    assert sorted(os.listdir(log_dir)) == ["config.json", "log.txt", "model_00003.pt"]
+    assert sorted(os.listdir(log_dir)) == ["config.json", "log.txt", "model_00003.pt", "train_gpt2.lock"]
     p = run(tiny_args(data, log_dir, resume="auto"))
     assert f"resumed from {log_dir}/model_00003.pt at step 3" in p.stdout
     assert log_text(log_dir) == clean_log  # every line is what the uninterrupted run wrote
@@ -59,7 +61,7 @@ def test_crash_between_write_and_rename_keeps_previous_checkpoint(data, clean_lo
     assert p.returncode == -signal.SIGKILL
     # the half-done save is only a .tmp file; the previous checkpoint is intact
     assert sorted(os.listdir(log_dir)) == ["config.json", "log.txt", "model_00003.pt",
-                                           "model_00006.pt.tmp"]
+                                           "model_00006.pt.tmp", "train_gpt2.lock"]
     assert torch.load(os.path.join(log_dir, "model_00003.pt"))["step"] == 3
     p = run(tiny_args(data, log_dir, resume="auto"))
     assert "model_00003.pt at step 3" in p.stdout
