@@ -93,6 +93,14 @@ def read_asset(*parts):
     return data
 
 
+def format_bytes(n):
+    """1.52 GiB, 200.0 MiB, 12.0 KiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
 def shard_filename(split, index):
     return f"edufineweb_{split}_{index:06d}.npy"
 
@@ -299,7 +307,12 @@ def write_atomic(path, write):
 
 
 def write_shard(path, tokens):
-    write_atomic(path, lambda f: np.save(f, tokens))
+    """np.save's bytes, written by Python's file: np.save's own writer says nothing but
+    "50000 requested and 24512 written" on a full disk, an OSError without errno or file."""
+    def write(f):
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(tokens))
+        f.write(np.ascontiguousarray(tokens).data.cast("B"))
+    write_atomic(path, write)
 
 
 def save_manifest(path, manifest):
@@ -645,8 +658,11 @@ def write_folder(args, files, builder, out):
             fail(e)
         except OSError as e:
             if e.filename and os.path.dirname(os.path.abspath(e.filename)) == out:  # disk full, ...
-                fail(f"cannot write {e.filename} ({e.strerror or e}); the shards finished before it "
-                     "are intact: make room and rerun the same command to continue after them")
+                import shutil
+                fail(f"cannot write {e.filename} ({e.strerror or e}; a shard needs up to "
+                     f"{format_bytes(2 * args.shard_size + 128)}, {format_bytes(shutil.disk_usage(out).free)} "
+                     "are free); the shards finished before it are intact: make room and rerun the "
+                     "same command to continue after them")
             fail(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}; "  # network gone mid-stream
                  "rerun the same command to continue after the last finished shard")
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM

@@ -937,6 +937,7 @@ class StopRequest:
 # with all that an exact resume needs
 
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt")
+SHORT_WRITE = re.compile(r"unexpected pos|failed writing|file write failed")  # torch.save's, on a full disk
 
 
 def list_checkpoints(log_dir):
@@ -1012,12 +1013,21 @@ def save_checkpoint(cfg, step, raw_model, optimizer, scaler, train_loader, val_l
                   "world_size": world_size, "rng": rng_state()}
     try:
         fineweb.write_atomic(path, lambda f: torch.save(checkpoint, f))
-    except OSError as e:  # the disk is full: the temporary file is gone, the older ones intact
+    except (OSError, RuntimeError) as e:  # the temporary file is gone, the older ones intact
+        # a full disk: an OSError of write() or fsync(), or from torch.save's zip writer a
+        # RuntimeError ("unexpected pos 197696 vs 197588": a short write)
+        if isinstance(e, RuntimeError) and not SHORT_WRITE.search(str(e)):
+            raise
+        import shutil
         older = [p for s, p in list_checkpoints(cfg.log_dir) if s < step]
-        raise UserError(f"cannot write {path} ({e.strerror or e}; it needs about "
-                        f"{16 * sum(p.numel() for p in raw_model.parameters()) / 2**30:.2f} GiB: "
-                        f"weights and AdamW state); " + (f"the previous checkpoint {older[-1]} is "
-                        "intact" if older else "there is no earlier checkpoint")) from None
+        need = os.path.getsize(older[-1]) if older else 16 * sum(p.numel() for p in raw_model.parameters())
+        free = shutil.disk_usage(cfg.log_dir).free
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else
+                  "No space left on device" if free < need else "the write stopped short")
+        raise UserError(f"cannot write {path} ({reason}; it needs about {fineweb.format_bytes(need)}, "
+                        f"{fineweb.format_bytes(free)} are free); "
+                        + (f"the previous checkpoint {older[-1]} is intact" if older
+                           else "there is no earlier checkpoint")) from None
     if cfg.keep_checkpoints > 0:  # the newest N up to this one (not a later, abandoned run's)
         for _, old in [c for c in list_checkpoints(cfg.log_dir) if c[0] <= step][:-cfg.keep_checkpoints]:
             os.remove(old)
@@ -1551,6 +1561,14 @@ def main(argv=None):
             raise
         print(f"error: {str(e).splitlines()[0]} Set PYTORCH_ENABLE_MPS_FALLBACK=1 to run it on the "
               "CPU, or pass --device cpu", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk while writing log.txt or config.json
+        import errno
+        if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        print(f"error: cannot write {e.filename or 'to ' + cfg.log_dir} ({e.strerror}); the "
+              "checkpoints written before are intact: make room and continue with --resume auto",
+              file=sys.stderr)
         return 1
     except RunFinished as e:
         if rank == 0:

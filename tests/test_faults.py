@@ -143,15 +143,16 @@ def kill_group(p):
 
 
 def call_main(main, argv, capsys):
-    """A script's main(argv) in this process: (exit status, stdout, stderr)."""
+    """A script's main(argv) in this process: (exit status, stdout, stderr). fineweb.py's
+    errors are SystemExit(message): the message is then its stderr (its progress bar left out)."""
+    message = None
     try:
         rc = main(argv)
     except SystemExit as e:  # fineweb.fail() and argparse exit
-        rc = e.code if isinstance(e.code, int) else 1
-        if not isinstance(e.code, int) and e.code is not None:
-            print(e.code, file=sys.stderr)
+        rc, message = (e.code, None) if isinstance(e.code, int) or e.code is None else (1, e.code)
     out, err = capsys.readouterr()
-    return rc, out, err
+    assert "Traceback" not in err, err[-3000:]
+    return rc, out, err if message is None else message + "\n"
 
 
 @pytest.mark.slow
@@ -196,3 +197,78 @@ def test_a_second_fineweb_into_the_local_dir_is_refused_and_a_killed_runs_lock_n
     rc, out, err = call_main(fineweb.main, argv, capsys)
     assert rc == 0 and "wrote 7 shards" in out, (out, err)
     assert sorted(os.listdir(out_dir))[-1] == "manifest.json" and "fineweb.lock" not in os.listdir(out_dir)
+
+
+# -----------------------------------------------------------------------------
+# a real full disk: a small tmpfs (root only), no mocks
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A function mount(size) -> a tmpfs of that many bytes, unmounted after the test."""
+    mounted = []
+
+    def mount(size):
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        if os.name == "nt" or os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root (a real full disk, not a mock)")
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.slow
+def test_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_previous_one(data, tmp_path, small_disk):
+    import torch
+    clean = str(tmp_path / "clean")
+    run_args = lambda log_dir: tiny_args(data, log_dir)  # noqa: E731
+    p = subprocess.run([sys.executable, str(REPO / "train_gpt2.py")] + run_args(clean), cwd=REPO,
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    size = os.path.getsize(os.path.join(clean, "model_00003.pt"))
+    log_dir = str(small_disk(size * 3 // 2) / "log")  # room for one checkpoint, not for two
+    p = subprocess.run([sys.executable, str(REPO / "train_gpt2.py")] + run_args(log_dir), cwd=REPO,
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr[-3000:]
+    size = os.path.getsize(os.path.join(log_dir, "model_00003.pt"))
+    assert lines[0].startswith(f"error: cannot write {log_dir}/model_00006.pt (No space left on device; "
+                               f"it needs about {size / 2**10:.1f} KiB, "), lines[0]
+    assert lines[0].endswith(f"the previous checkpoint {log_dir}/model_00003.pt is intact"), lines[0]
+    assert sorted(os.listdir(log_dir)) == ["config.json", "log.txt", "model_00003.pt"]  # no .tmp
+    checkpoint = torch.load(os.path.join(log_dir, "model_00003.pt"), weights_only=True)
+    assert checkpoint["step"] == 3
+
+
+@pytest.mark.slow
+def test_full_disk_while_writing_a_shard_is_one_line_and_a_rerun_continues(tmp_path, small_disk, capsys):
+    import fineweb
+    from conftest import SHAKESPEARE
+    shard_size = 50000  # 100 KB per shard: two fit in 256 KB (with the manifest), not three
+    full = str(small_disk("256k"))
+    argv = lambda out: ["--data_files", str(SHAKESPEARE), "--local_dir", out,  # noqa: E731
+                        "--shard_size", str(shard_size), "--num_proc", "1"]
+    rc, out, err = call_main(fineweb.main, argv(full), capsys)
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    shard = os.path.join(full, "edufineweb_train_000002.npy")
+    assert err.startswith(f"fineweb.py: error: cannot write {shard} (No space left on device; a shard "
+                          f"needs up to 97.8 KiB, "), err
+    assert "the shards finished before it are intact" in err
+    assert sorted(os.listdir(full)) == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy",
+                                        "manifest.json"]  # no .tmp, no lock
+    # the same command on a disk with room continues after them, to the bytes of a clean run
+    clean, roomy = str(tmp_path / "clean"), str(tmp_path / "roomy")
+    assert call_main(fineweb.main, argv(clean), capsys)[0] == 0
+    subprocess.run(["cp", "-a", full, roomy], check=True)
+    rc, out, err = call_main(fineweb.main, argv(roomy), capsys)
+    assert rc == 0, err
+    assert {n: open(os.path.join(roomy, n), "rb").read() for n in os.listdir(roomy)} == \
+        {n: open(os.path.join(clean, n), "rb").read() for n in os.listdir(clean)}
