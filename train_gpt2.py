@@ -407,6 +407,7 @@ class TrainConfig:
     # the machine
     device: str = flag("auto", "cuda, mps or cpu (auto: the first there is)")
     fsdp: bool = flag(False, "torchrun: shard weights, gradients, AdamW state (FSDP2), not DDP")
+    ddp_timeout: int = flag(1800, "torchrun: seconds a process waits for the others (a 1.5B save) before it fails", low=1)
     activation_checkpointing: bool = flag(False, "recompute activations in the backward: less memory")
     dtype: str = flag("auto", "autocast dtype, or auto: bfloat16 on CUDA, else float16 + scaler on old GPUs, "
                       "float32 off CUDA", choices=("auto", "float32", "bfloat16", "float16"))
@@ -469,8 +470,8 @@ def train(cfg, stop):
         if device == "cuda":
             device = f"cuda:{ddp_local_rank}"
             torch.cuda.set_device(device)
-        # the lecture's DDP needed CUDA (NCCL); gloo runs it on CPUs too
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        # the lecture's DDP needed CUDA (NCCL); gloo runs it on CPUs too (beyond it: bounded waits)
+        init_process_group("nccl" if device.startswith("cuda") else "gloo", cfg.ddp_timeout)
     else:
         ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
     master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
@@ -790,8 +791,15 @@ def write_demo_shards(cfg):
     """--demo's data: tiny shakespeare's shards in --data_root, written by fineweb.py's own code
     on first use (by a node's first process; the others wait for it). Later runs find them done."""
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        fineweb.main(["--data_files", fineweb.asset_path("tinyshakespeare", "input.txt"), "--local_dir",
-                      cfg.data_root, "--shard_size", str(DEMO_SHARD_SIZE), "--num_proc", "1"])
+        # on a shared filesystem each node's first process takes the folder in turn (waiting
+        # for the one that writes it), then finds the shards done
+        os.makedirs(cfg.data_root, exist_ok=True)
+        fineweb.lock_folder(cfg.data_root, fineweb.LOCK, "", wait=True)
+        try:
+            fineweb.main(["--data_files", fineweb.asset_path("tinyshakespeare", "input.txt"), "--local_dir",
+                          cfg.data_root, "--shard_size", str(DEMO_SHARD_SIZE), "--num_proc", "1"])
+        finally:
+            fineweb.release_folder(cfg.data_root, fineweb.LOCK)
         return
     manifest = os.path.join(cfg.data_root, "manifest.json")
     for _ in range(600):
@@ -866,6 +874,38 @@ def estimate_memory(cfg, n_params, dtype, world_size):
 
 
 # -----------------------------------------------------------------------------
+# The process group: waits that end, and torchrun's restarts
+
+def init_process_group(backend, timeout_s):
+    """The process group of torchrun's processes, with two fixes:
+    - every wait on another process (the start, a collective) fails after timeout_s seconds
+      instead of hanging on a process that died or hangs (NCCL: with torchrun's
+      TORCH_NCCL_ASYNC_ERROR_HANDLING, its watchdog aborts the process);
+    - torchrun --max-restarts keeps one TCPStore for all attempts of a run (its rendezvous
+      store, shared with the workers), so the keys that the process group of a dead attempt
+      wrote, such as each rank's gloo/NCCL address, are still there when the restarted workers
+      start: one of them may read the dead peer's address and fail to connect, or wait forever.
+      Each attempt's keys get a prefix of their own."""
+    from datetime import timedelta
+    timeout = timedelta(seconds=timeout_s)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    try:
+        if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            dist.init_process_group(backend=backend, timeout=timeout)  # env://: a store of its own
+            return
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=False, timeout=timeout)  # torchrun's agent serves it
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"train_gpt2/attempt{attempt}", store),
+                                rank=rank, world_size=world_size, timeout=timeout)
+    except RuntimeError as e:  # DistStoreError, DistNetworkError, gloo's: a process never came
+        if not PEER_TIMEOUT.search(str(e)):
+            raise
+        raise PeerLost(f"the {world_size} processes did not all start within --ddp_timeout "
+                       f"{timeout_s}s ({str(e).strip().splitlines()[-1][:200]})") from None
+
+
+# -----------------------------------------------------------------------------
 # Signals: SIGTERM (preemption, scancel) or Ctrl-C finish the step, checkpoint, exit 0
 
 class StopRequest:
@@ -897,6 +937,7 @@ class StopRequest:
 # with all that an exact resume needs
 
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt")
+SHORT_WRITE = re.compile(r"unexpected pos|failed writing|file write failed")  # torch.save's, on a full disk
 
 
 def list_checkpoints(log_dir):
@@ -972,12 +1013,21 @@ def save_checkpoint(cfg, step, raw_model, optimizer, scaler, train_loader, val_l
                   "world_size": world_size, "rng": rng_state()}
     try:
         fineweb.write_atomic(path, lambda f: torch.save(checkpoint, f))
-    except OSError as e:  # the disk is full: the temporary file is gone, the older ones intact
+    except (OSError, RuntimeError) as e:  # the temporary file is gone, the older ones intact
+        # a full disk: an OSError of write() or fsync(), or from torch.save's zip writer a
+        # RuntimeError ("unexpected pos 197696 vs 197588": a short write)
+        if isinstance(e, RuntimeError) and not SHORT_WRITE.search(str(e)):
+            raise
+        import shutil
         older = [p for s, p in list_checkpoints(cfg.log_dir) if s < step]
-        raise UserError(f"cannot write {path} ({e.strerror or e}; it needs about "
-                        f"{16 * sum(p.numel() for p in raw_model.parameters()) / 2**30:.2f} GiB: "
-                        f"weights and AdamW state); " + (f"the previous checkpoint {older[-1]} is "
-                        "intact" if older else "there is no earlier checkpoint")) from None
+        need = os.path.getsize(older[-1]) if older else 16 * sum(p.numel() for p in raw_model.parameters())
+        free = shutil.disk_usage(cfg.log_dir).free
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else
+                  "No space left on device" if free < need else "the write stopped short")
+        raise UserError(f"cannot write {path} ({reason}; it needs about {fineweb.format_bytes(need)}, "
+                        f"{fineweb.format_bytes(free)} are free); "
+                        + (f"the previous checkpoint {older[-1]} is intact" if older
+                           else "there is no earlier checkpoint")) from None
     if cfg.keep_checkpoints > 0:  # the newest N up to this one (not a later, abandoned run's)
         for _, old in [c for c in list_checkpoints(cfg.log_dir) if c[0] <= step][:-cfg.keep_checkpoints]:
             os.remove(old)
@@ -1105,6 +1155,7 @@ def maybe_resume(cfg, raw_model, optimizer, scaler, train_loader, log):
 # The log folder: what a fresh start may overwrite, and the log after a resume
 
 OUR_FILES = re.compile(r"(model_\d+\.pt|log\.txt|config\.json|wandb_run\.json)(\.tmp)?")
+LOCK = "train_gpt2.lock"  # in --log_dir while a run uses it (fineweb.lock_folder)
 
 
 def check_log_dir(cfg):
@@ -1119,6 +1170,13 @@ def check_log_dir(cfg):
                 pass
         except OSError as e:
             raise UserError(f"cannot write to --log_dir {cfg.log_dir} ({e.strerror or e})") from None
+        # one run per folder, before anything in it is read or deleted: rank 0, the only writer
+        # (one lock for all nodes, on a shared filesystem), holds it until main() returns
+        try:
+            fineweb.lock_folder(cfg.log_dir, LOCK, "another run of train_gpt2.py writes its log and "
+                                "checkpoints there (a forgotten window?); stop it, or choose another --log_dir")
+        except fineweb.FolderInUse as e:
+            raise UserError(e) from None
     if cfg.resume or not list_checkpoints(cfg.log_dir):
         return
     if not cfg.overwrite:
@@ -1451,11 +1509,18 @@ def report_start(cfg, device, dtype, dtype_why, use_compile, compile_why, raw_mo
 # how gloo and NCCL report that a peer process went away
 PEER_LOST = re.compile(r"closed by peer|reset by peer|remote worker|remote process|Broken pipe|"
                        r"NCCL communicator was aborted|Failed to recv")
+# ... and that it did not answer within the process group's timeout (--ddp_timeout)
+PEER_TIMEOUT = re.compile(r"[Tt]imed out|[Tt]imeout")
+
+
+class PeerLost(UserError):
+    """Another process of the run died or hangs: every process that waited on it says so."""
 
 
 def main(argv=None):
     stop = StopRequest()  # first of all: a SIGTERM during the start must not kill silently
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    cfg = None
     try:
         cfg = parse_args(argv)
         check_log_dir(cfg)
@@ -1468,12 +1533,17 @@ def main(argv=None):
     except (UserError, fineweb.AssetError) as e:
         # before the process group, every process fails alike: one line per node; after it, an
         # error may be one process's own (its node's data, its GPU): each says it
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if isinstance(e, PeerLost) or dist.is_initialized() and dist.get_world_size() > 1:
             print(f"error: rank {rank}: {e}", file=sys.stderr)
         elif local_rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1
-    except RuntimeError as e:  # a collective failed because another process died
+    except RuntimeError as e:  # a collective failed because another process died or hangs
+        if dist.is_initialized() and PEER_TIMEOUT.search(str(e)):  # each waiting process says it
+            print(f"error: rank {rank}: no answer from another process of this run within "
+                  f"--ddp_timeout {cfg.ddp_timeout}s: it died or hangs (a stopped job, a dead node, "
+                  "a save slower than that: raise --ddp_timeout)", file=sys.stderr)
+            return 1
         if not (dist.is_initialized() and PEER_LOST.search(str(e))):
             raise
         if local_rank == 0:
@@ -1492,6 +1562,14 @@ def main(argv=None):
         print(f"error: {str(e).splitlines()[0]} Set PYTORCH_ENABLE_MPS_FALLBACK=1 to run it on the "
               "CPU, or pass --device cpu", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk while writing log.txt or config.json
+        import errno
+        if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        print(f"error: cannot write {e.filename or 'to ' + cfg.log_dir} ({e.strerror}); the "
+              "checkpoints written before are intact: make room and continue with --resume auto",
+              file=sys.stderr)
+        return 1
     except RunFinished as e:
         if rank == 0:
             print(e)
@@ -1501,6 +1579,8 @@ def main(argv=None):
         return 130
     finally:
         stop.restore()
+        if rank == 0 and cfg is not None:
+            fineweb.release_folder(cfg.log_dir, LOCK)
         if dist.is_initialized():
             # DDP sits in a reference cycle: free it while the process group lives (left to
             # the interpreter's exit, gloo sometimes aborts with "terminate called ...")
