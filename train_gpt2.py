@@ -702,12 +702,16 @@ def device_name(device):
 
 
 def pick_dtype(name, device):
-    """(autocast dtype, why). bfloat16 needs no gradient scaler; float16 does."""
+    """(autocast dtype, why): the one dtype choice of the trainer and of every tool. bfloat16
+    needs no gradient scaler; float16 does. auto: bfloat16 only where `device` (the run's own
+    GPU, not the current one) computes in it, compute capability 8.0 (Ampere) or more, or
+    ROCm. torch.cuda.is_bf16_supported() also counts emulated bfloat16, which a V100 or T4
+    runs very slowly and Inductor does not compile: those train in float16 with a scaler."""
     if name == "auto":
         if device.startswith("cuda"):
-            if torch.cuda.is_bf16_supported():
-                return torch.bfloat16, "auto: CUDA with bfloat16"
             major, minor = torch.cuda.get_device_capability(device)
+            if torch.version.hip or (major, minor) >= (8, 0):
+                return torch.bfloat16, f"auto: compute capability {major}.{minor} has bfloat16"
             return torch.float16, (f"auto: compute capability {major}.{minor} has no bfloat16, "
                                    "so float16 with a gradient scaler")
         return torch.float32, f"auto: float32 on {device}"
