@@ -449,8 +449,8 @@ def train_step(model, optimizer, scaler, train_loader, grad_accum_steps, lr, gra
     # determine and set the learning rate for this iteration
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
-    scaler.step(optimizer)  # = optimizer.step(), unless float16 gradients overflowed: then skipped
-    scaler.update()
+    # = optimizer.step(), unless float16 gradients overflowed, or (beyond the lecture) the norm is nan/inf
+    step_if_finite(optimizer, scaler, norm)
     return loss_accum, norm
 
 
@@ -540,8 +540,8 @@ def train(cfg, stop):
     run_log = RunLog(cfg, log_file, start_step, master_process)  # beyond the lecture: rank 0 writes them
 
     def checkpoint(step, val_loss=None):  # the state before optimizer step `step`
-        save_checkpoint(cfg, step, raw_model, optimizer, scaler, train_loader, val_loss,
-                        ddp_world_size, master_process, log)
+        save_checkpoint(cfg, step, raw_model, optimizer, scaler, train_loader, val_loss, ddp_world_size, master_process, log)
+    nonfinite = NonFiniteSteps(cfg, scaler, log)  # beyond the lecture: nan/inf steps are skipped, 5 in a row stop
 
     amp = dict(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
     if stop.vote(ddp, device):  # SIGTERM / Ctrl-C while starting up: nothing to save yet
@@ -663,6 +663,7 @@ def train(cfg, stop):
         eta = run_log.train(step, loss_accum, lr, norm, dt, tokens_per_sec, step_mfu)  # and the time left
         log(f"step {step:5d} | loss {loss_accum:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt: {dt * 1000:.2f}ms | "
             f"tok/sec: {tokens_per_sec:.2f}{f' | mfu {100 * step_mfu:.1f}%' if peak else ''} | eta {eta}")
+        nonfinite.check(step, loss_accum, norm)  # a warning per nan/inf step; 5 in a row: stop
         if stop_votes > 0 and not last_step:  # SIGTERM (preemption) or Ctrl-C: save, stop
             checkpoint(step + 1)
             log(f"stopped by a signal after step {step}; continue with --resume auto")
@@ -870,6 +871,62 @@ def estimate_memory(cfg, n_params, dtype, world_size):
 
 
 # -----------------------------------------------------------------------------
+# Non-finite steps: a nan/inf loss or gradient norm never reaches the weights
+
+def step_if_finite(optimizer, scaler, norm):
+    """scaler.step(optimizer) and scaler.update(), but in bfloat16 and float32 no step at all
+    where the gradient norm is nan or inf: AdamW would carry it into every weight and moment.
+    The norm is of the summed gradients of every rank (DDP's all-reduced ones, FSDP's global
+    norm), so every rank decides alike; a nan/inf loss makes its gradients nan too. The float16
+    scaler already skips such steps (and lowers its scale). The .item() waits for the backward,
+    as the scaler's own check does."""
+    if scaler.is_enabled() or torch.isfinite(norm).item():
+        scaler.step(optimizer)
+    scaler.update()
+
+
+class Diverged(Exception):
+    """Training cannot go on (its steps keep coming out nan/inf): one line, exit status 1."""
+
+
+class NonFiniteSteps:
+    """After each step: a warning line for a step whose loss (the mean of every rank's) or
+    gradient norm is nan/inf, and the stop after LIMIT such steps in a row. Under float16 the
+    scaler skips the steps whose gradients overflow: normal while its scale settles, so those
+    count only when the loss itself is not finite."""
+    LIMIT = 5
+
+    def __init__(self, cfg, scaler, log):
+        self.cfg, self.scaler, self.log, self.in_a_row = cfg, scaler, log, 0
+
+    def check(self, step, loss, norm):
+        norm_bad = not math.isfinite(norm) and not self.scaler.is_enabled()
+        if math.isfinite(loss) and not norm_bad:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.log(f"warning: step {step}: loss {loss}, gradient norm {norm}: "
+                 + ("not finite, the weights were not updated" if norm_bad or self.scaler.is_enabled()
+                    else "the loss is not finite"))
+        if self.in_a_row >= self.LIMIT:
+            good = list_checkpoints(self.cfg.log_dir)
+            raise Diverged(f"stopped at step {step}: {self.in_a_row} steps in a row with a nan/inf loss or "
+                           f"gradient norm; the newest checkpoint, all finite, is "
+                           + (f"{good[-1][1]}: resume it with a lower --max_lr" if good else "none: none was written")
+                           + " (or raise --warmup_steps, or lower --grad_clip)")
+
+
+def all_finite(model):
+    """Are this model's weights all finite, on every rank (under FSDP each checks its shard)?
+    A collective where there are several processes."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    bad = torch.stack([(~torch.isfinite(p)).sum() for p in local]).sum().float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.SUM)
+    return bad.item() == 0
+
+
+# -----------------------------------------------------------------------------
 # Signals: SIGTERM (preemption, scancel) or Ctrl-C finish the step, checkpoint, exit 0
 
 class StopRequest:
@@ -965,7 +1022,12 @@ def load_full_state(model, optimizer, model_state, optim_state):
 def save_checkpoint(cfg, step, raw_model, optimizer, scaler, train_loader, val_loss, world_size,
                     master_process, log):
     """model_{step:05d}.pt: the state before optimizer step `step`, gathered from every rank,
-    written by rank 0. val_loss is that step's val loss, or None where it was not evaluated."""
+    written by rank 0. val_loss is that step's val loss, or None where it was not evaluated.
+    Never with nan/inf weights: they would rotate good checkpoints out."""
+    if not all_finite(raw_model):
+        good = [p for s, p in list_checkpoints(cfg.log_dir) if s < step]
+        raise Diverged(f"the weights before step {step} are not all finite: model_{step:05d}.pt not written; "
+                       f"the newest checkpoint, all finite, is {good[-1] if good else 'none'}")
     model_state, optim_state = full_state(raw_model, optimizer)
     if not master_process:
         return
@@ -1469,6 +1531,10 @@ def main(argv=None):
         if cfg.demo and rank == 0:  # the demo's last stage: the curves, as plot_log.py draws them
             import plot_log
             plot_log.main([os.path.join(cfg.log_dir, "log.txt")])
+    except Diverged as e:  # every rank decided alike: rank 0 says it
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     except (UserError, fineweb.AssetError) as e:
         # before the process group, every process fails alike: one line per node; after it, an
         # error may be one process's own (its node's data, its GPU): each says it
