@@ -1430,6 +1430,9 @@ def check_config(cfg):
     if cfg.vocab_size < 50257 and (cfg.sample or cfg.hellaswag):
         raise UserError(f"--vocab_size {cfg.vocab_size} is smaller than the GPT-2 tokenizer's 50257, "
                         "which sampling and HellaSwag use: raise it, or pass --sample 0 --hellaswag 0")
+    if world_size > 1 and cfg.device.startswith("cuda:"):  # every rank would take that one GPU
+        raise UserError(f"--device {cfg.device} under torchrun: each process takes the GPU of its "
+                        "LOCAL_RANK; pass --device cuda, and choose the GPUs with CUDA_VISIBLE_DEVICES")
     pick_compile(cfg.compile, pick_device(cfg.device).split(":")[0])  # no Triton: fail now, not at step 0
     if cfg.init_from and cfg.resume:
         raise UserError("--init_from starts a new run from a model's weights; --resume continues a "

@@ -102,3 +102,21 @@ def test_bench_rung_3_is_float16_with_a_scaler_on_a_gpu_without_bfloat16(gpu, mo
         rows = list(bench.ladder(args))
         assert seen[-2:] == ["float32", half]
         assert ("scaler" in rows[1]["note"]) == (half == "float16")
+
+
+# -----------------------------------------------------------------------------
+# --device cuda:N under torchrun: every rank would take that GPU (NCCL: "Duplicate GPU")
+
+@pytest.mark.parametrize("device, world_size, refused", [("cuda:1", 2, True), ("cuda:0", 8, True),
+                                                         ("cuda:1", 1, False), ("cpu", 2, False)])
+def test_device_with_an_index_under_torchrun_is_refused(gpu, monkeypatch, device, world_size, refused):
+    from conftest import tiny_args
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(train_gpt2, "pick_compile", lambda value, device_type: (False, "--compile"))
+    args = tiny_args("data", "log", device=device, total_batch_size=64 * 8)
+    if refused:
+        with pytest.raises(train_gpt2.UserError, match=f"--device {device} under torchrun: .*--device cuda"):
+            train_gpt2.parse_args(args)
+    else:
+        assert train_gpt2.parse_args(args).device == device
