@@ -14,7 +14,6 @@ lecture" lives what the lecture lacks: checkpoints and exact resume, signals, fl
 """
 import argparse
 import dataclasses
-import functools
 import gc
 import json
 import math
@@ -510,11 +509,11 @@ def train(cfg, stop):
         checkpoint_blocks(raw_model)
     dtype, dtype_why = pick_dtype(cfg.dtype, device)
     use_compile, compile_why = pick_compile(cfg.compile, device_type)
-    if use_compile:
+    if use_compile and not (ddp and cfg.fsdp):  # FSDP: each block compiled in shard_model
         # evaluation and sampling use fixed shapes: compile stays on for them (the lecture's was off)
         model = torch.compile(model, dynamic=False)
     if ddp and cfg.fsdp:  # beyond the lecture: FSDP2 shards weights, gradients and AdamW state
-        shard_model(raw_model)
+        shard_model(raw_model, use_compile)
     elif ddp:
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
 
@@ -831,15 +830,26 @@ def checkpoint_blocks(model):
     runs its forward again (torch.utils.checkpoint, non-reentrant): the same gradients."""
     from torch.utils.checkpoint import checkpoint
     for block in model.transformer.h:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        # a function of this file, not a functools.partial of checkpoint: a block compiled on
+        # its own (FSDP) has Dynamo trace this frame and take checkpoint() in; Dynamo skips
+        # checkpoint's own frame, and the block's forward under it would run eager
+        block.forward = lambda x, forward=block.forward: checkpoint(forward, x, use_reentrant=False)
 
 
-def shard_model(model):
+def shard_model(model, compile_blocks=False):
     """--fsdp: FSDP2 in place, each Block a unit and the root the rest, the tied wte/lm_head
     with it (a tied weight must stay in one unit). Each rank keeps 1/N of the weights,
-    gradients and AdamW state and gathers a unit's weights when it runs."""
+    gradients and AdamW state and gathers a unit's weights when it runs.
+    --compile: torch's order for FSDP2, each block wrapped for activation checkpointing (done
+    before), then compiled, then sharded, then the root sharded. Compiling the whole model
+    instead compiles only the blocks (Dynamo skips FSDP2's hooks, so GPT.forward's frame is
+    skipped), and with activation checkpointing nothing at all. The root (embeddings, ln_f,
+    lm_head, the loss) runs eager: compiled whole, its frame breaks at every FSDP2 unit.
+    Module.compile() compiles in place: the state_dict's names stay the plain model's."""
     from torch.distributed.fsdp import fully_shard
     for block in model.transformer.h:
+        if compile_blocks:
+            block.compile(dynamic=False)
         fully_shard(block)
     fully_shard(model)
 
@@ -1437,9 +1447,9 @@ def check_config(cfg):
     if cfg.init_from and cfg.resume:
         raise UserError("--init_from starts a new run from a model's weights; --resume continues a "
                         "run: pass one of them")
-    if cfg.fsdp and world_size == 1:
+    if cfg.fsdp and "RANK" not in os.environ:  # (torchrun with 1 process: FSDP on 1 GPU, as the tests run it)
         raise UserError("--fsdp 1 shards the model over the processes of torchrun: launch with "
-                        "torchrun --nproc_per_node=N (N > 1), or leave it off")
+                        "torchrun --nproc_per_node=N, or leave it off")
     if not cfg.log_dir or not cfg.data_root:
         raise UserError("--log_dir and --data_root must not be empty")
     require_packages(cfg)

@@ -1,6 +1,8 @@
-"""The GPU-only paths, checked on a CPU: the dtype each GPU generation gets (the device queries
-mocked), the non-finite step guard, --device cuda:N under torchrun, what torch.compile compiles
-under DDP and FSDP, the memory estimate with FSDP and gradient accumulation, resume's timing."""
+"""The GPU paths, checked on a CPU: the dtype each GPU generation gets (the device queries
+mocked), --device cuda:N under torchrun, what torch.compile compiles on 1 process, under DDP
+and under FSDP."""
+import os
+
 import pytest
 import torch
 
@@ -120,3 +122,51 @@ def test_device_with_an_index_under_torchrun_is_refused(gpu, monkeypatch, device
             train_gpt2.parse_args(args)
     else:
         assert train_gpt2.parse_args(args).device == device
+
+
+# -----------------------------------------------------------------------------
+# what --compile compiles: the whole model on 1 process and DDP, each block under FSDP
+
+# Before train_gpt2 runs: torch.compile with a backend that notes which weights each graph
+# takes (a block's c_attn, the root's wte) and then runs it as aot_eager (Dynamo and AOT
+# autograd, as Inductor gets them, without generating code); at exit Dynamo's frame counts.
+COUNT_GRAPHS = """
+import atexit, json, os, torch, torch._dynamo
+from torch._dynamo.utils import counters
+graphs = []
+def noting_backend(gm, example_inputs):
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"] + [n for n, _ in gm.named_parameters()]
+    graphs.append(sorted({w for w in ("c_attn", "wte") if any(w in str(n) for n in names)}))
+    return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+real_compile = torch.compile
+torch.compile = lambda *args, **kw: real_compile(*args, **{**kw, "backend": noting_backend})
+atexit.register(lambda: print("DYNAMO " + json.dumps(dict(rank=int(os.environ.get("RANK", 0)),
+    frames=dict(counters["frames"]), graphs=graphs)), flush=True))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation_checkpointing", [0, 1])
+@pytest.mark.parametrize("launch", ["1 process", "ddp", "fsdp"])
+def test_compile_compiles_every_block_and_skips_no_frame(tmp_path, launch, activation_checkpointing):
+    """Under FSDP, compiling the whole model compiled only the blocks (GPT.forward's frame
+    skipped), and with activation checkpointing nothing. Now every launch compiles its blocks
+    with no frame skipped; 1 process and DDP compile the root with them (one graph holds wte
+    and the blocks), FSDP runs the root eager. The checkpoint's names carry no _orig_mod."""
+    import json
+
+    from conftest import make_shards, run, tiny_args
+    data = make_shards(tmp_path / "data")
+    log_dir = str(tmp_path / "log")
+    args = tiny_args(data, log_dir, max_steps=2, eval_interval=1, compile=1, fsdp=int(launch == "fsdp"),
+                     activation_checkpointing=activation_checkpointing)
+    p = run(args, torchrun=0 if launch == "1 process" else 2, prelude=COUNT_GRAPHS)
+    reports = [json.loads(line[len("DYNAMO "):]) for line in p.stdout.splitlines() if line.startswith("DYNAMO ")]
+    assert len(reports) == (1 if launch == "1 process" else 2), p.stdout[-3000:]
+    for r in reports:
+        assert r["frames"]["ok"] == r["frames"]["total"] > 0, r  # no frame skipped
+        assert r["graphs"] and all("c_attn" in g for g in r["graphs"]), r  # every graph: blocks
+        assert all(("wte" in g) == (launch != "fsdp") for g in r["graphs"]), r
+    saved = torch.load(os.path.join(log_dir, "model_00002.pt"), weights_only=True)["model"]
+    assert list(saved) == list(train_gpt2.GPT(train_gpt2.GPTConfig(block_size=64, vocab_size=512, n_layer=2,
+                                                                  n_head=2, n_embd=32)).state_dict())
