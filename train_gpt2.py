@@ -858,10 +858,20 @@ def estimate_memory(cfg, n_params, dtype, world_size):
     """Bytes per GPU of (weights, gradients, AdamW state, activations, the peak of a step), from
     the tensors an eager step keeps (measured on CPU to within a few %; torch.compile keeps
     fewer, CUDA's allocator and context add some). The peak is the loss's backward, with every
-    activation alive, or the optimizer step."""
+    activation alive, or the optimizer step. The gradients are those of the peak: with gradient
+    accumulation the sums of the earlier micro-steps live through the later ones, and under
+    FSDP unsharded: with the sync off (set_requires_gradient_sync) every rank keeps the whole
+    gradient until the last micro-step reduce-scatters it."""
     L, C, V, BT = cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.micro_batch_size * cfg.sequence_length
     shard = world_size if cfg.fsdp else 1
-    weights, grads, adam = 4 * n_params / shard, 4 * n_params / shard, 8 * n_params / shard
+    accumulating = cfg.total_batch_size > BT * world_size  # more than one micro-step
+    weights, step_grads, adam = 4 * n_params / shard, 4 * n_params / shard, 8 * n_params / shard
+    held = 4 * n_params if accumulating else 0  # alive during a later micro-step, unsharded
+    grads = max(step_grads, held)
+    # the tied wte/lm_head's gradient, computed first in the backward: a new tensor beside the held
+    # sum until it is added in; under FSDP also the root unit's flat copy for the reduce-scatter
+    fresh = 4 * V * C if accumulating else 0
+    scatter = 4 * V * C * (1 + 1 / shard) if cfg.fsdp else 0
     if cfg.fsdp:  # the root unit (wte/lm_head) stays whole; two blocks gathered at a time
         weights += 4 * (V * C + 2 * (12 * C * C + 13 * C))
     static = weights + adam + (4 * n_params if world_size > 1 and not cfg.fsdp else 0)  # DDP's buckets
@@ -874,9 +884,9 @@ def estimate_memory(cfg, n_params, dtype, world_size):
     logits = (2 if half else 4) * V  # and the loss's float32 log-softmax, 4V
     casts = 2 * (V * C + (0 if cfg.activation_checkpointing else 12 * L * C * C)) if half else 0
     activations = BT * (L * per_layer + 8 * C + logits + 4 * V) + casts
-    peak = max(static + activations + BT * 8 * V,  # + the two (B, T, V) gradients of the loss
-               static + grads + BT * (logits + block + 20 * C),  # a block's backward
-               static + grads + BT * logits + 8 * max(V * C, 4 * C * C) / shard)  # AdamW
+    peak = max(static + held + fresh + activations + BT * 8 * V,  # + the two (B, T, V) gradients of the loss
+               static + grads + scatter + BT * (logits + block + 20 * C),  # a block's backward
+               static + step_grads + BT * logits + 8 * max(V * C, 4 * C * C) / shard)  # AdamW
     return weights, grads, adam, activations, peak
 
 
