@@ -407,8 +407,8 @@ class TrainConfig:
     device: str = flag("auto", "cuda, mps or cpu (auto: the first there is)")
     fsdp: bool = flag(False, "torchrun: shard weights, gradients, AdamW state (FSDP2), not DDP")
     activation_checkpointing: bool = flag(False, "recompute activations in the backward: less memory")
-    dtype: str = flag("auto", "autocast dtype, or auto: bfloat16 on CUDA, else float16 + scaler on old GPUs, "
-                      "float32 off CUDA", choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = flag("auto", "autocast dtype, or auto: bfloat16 on GPUs of compute capability 8.0+, float16 + "
+                      "scaler on older ones, float32 off CUDA", choices=("auto", "float32", "bfloat16", "float16"))
     compile: str = flag("auto", "torch.compile: 1, 0 or auto (CUDA with Triton)", choices=("auto", "1", "0"))
     seed: int = flag(1337, "random seed (the lecture's)", low=0)
     peak_tflops: float = flag(0.0, "accelerator peak TFLOPS for MFU (0: look the GPU up)", low=0)
