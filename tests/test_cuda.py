@@ -22,8 +22,10 @@ pytestmark = [pytest.mark.cuda, pytest.mark.slow,
                                  reason="needs a CUDA GPU (this torch sees none): run "
                                         "`python -m pytest -m cuda tests` on a GPU machine")]
 
-# cuBLAS picks the same kernels run after run: a resumed run can equal the uninterrupted one
+# deterministic kernels (cuBLAS's workspace, flash attention's backward without atomics), so
+# that a resumed run can equal the uninterrupted one line for line: a prelude for each run
 DETERMINISTIC = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+DETERMINISTIC_PRELUDE = "import torch\ntorch.use_deterministic_algorithms(True, warn_only=True)\n"
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +73,14 @@ def test_dtype_auto_is_this_gpus_own(data, tmp_path):
 
 def test_float16_with_scaler_trains_and_resumes_exactly(data, tmp_path):
     clean, log_dir = str(tmp_path / "clean"), str(tmp_path / "log")
-    p = run(gpu_args(data, clean, dtype="float16"), env=DETERMINISTIC)
+    p = run(gpu_args(data, clean, dtype="float16"), env=DETERMINISTIC, prelude=DETERMINISTIC_PRELUDE)
     assert "dtype float16 (with a gradient scaler)" in p.stdout
     losses = train_losses(clean)
     assert losses[-1] < losses[0]
-    p = run(gpu_args(data, log_dir, dtype="float16"), prelude=KILL_PRELUDE, check=False,
+    p = run(gpu_args(data, log_dir, dtype="float16"), prelude=DETERMINISTIC_PRELUDE + KILL_PRELUDE, check=False,
             env={"KILL_AT": "after_save:model_00003.pt", **DETERMINISTIC})
     assert p.returncode == -signal.SIGKILL
-    p = run(gpu_args(data, log_dir, dtype="float16", resume="auto"), env=DETERMINISTIC)
+    p = run(gpu_args(data, log_dir, dtype="float16", resume="auto"), env=DETERMINISTIC, prelude=DETERMINISTIC_PRELUDE)
     assert "resumed from" in p.stdout
     assert log_text(log_dir) == log_text(clean)
     scaler = torch.load(os.path.join(log_dir, "model_00008.pt"), weights_only=True)["scaler"]
@@ -87,13 +89,14 @@ def test_float16_with_scaler_trains_and_resumes_exactly(data, tmp_path):
 
 def test_sigterm_saves_and_resumes_exactly(data, tmp_path):
     clean, log_dir = str(tmp_path / "clean"), str(tmp_path / "log")
-    run(gpu_args(data, clean, checkpoint_interval=100), env=DETERMINISTIC)
-    prelude = ("import os, signal, train_gpt2\nreal = train_gpt2.get_lr\n"
+    run(gpu_args(data, clean, checkpoint_interval=100), env=DETERMINISTIC, prelude=DETERMINISTIC_PRELUDE)
+    prelude = DETERMINISTIC_PRELUDE + ("import os, signal, train_gpt2\nreal = train_gpt2.get_lr\n"
                "def get_lr(it, *a):\n    if it == 3:\n        os.kill(os.getpid(), signal.SIGTERM)\n"
                "    return real(it, *a)\ntrain_gpt2.get_lr = get_lr\n")
     p = run(gpu_args(data, log_dir, checkpoint_interval=100), prelude=prelude, env=DETERMINISTIC)
     assert "stopped by a signal after step 3" in p.stdout
-    run(gpu_args(data, log_dir, checkpoint_interval=100, resume="auto"), env=DETERMINISTIC)
+    run(gpu_args(data, log_dir, checkpoint_interval=100, resume="auto"), env=DETERMINISTIC,
+        prelude=DETERMINISTIC_PRELUDE)
     assert log_text(log_dir) == log_text(clean)
 
 
