@@ -408,8 +408,8 @@ class TrainConfig:
     fsdp: bool = flag(False, "torchrun: shard weights, gradients, AdamW state (FSDP2), not DDP")
     ddp_timeout: int = flag(1800, "torchrun: seconds a process waits for the others (a 1.5B save) before it fails", low=1)
     activation_checkpointing: bool = flag(False, "recompute activations in the backward: less memory")
-    dtype: str = flag("auto", "autocast dtype, or auto: bfloat16 on CUDA, else float16 + scaler on old GPUs, "
-                      "float32 off CUDA", choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = flag("auto", "autocast dtype, or auto: bfloat16 on GPUs of compute capability 8.0+, float16 + "
+                      "scaler on older ones, float32 off CUDA", choices=("auto", "float32", "bfloat16", "float16"))
     compile: str = flag("auto", "torch.compile: 1, 0 or auto (CUDA with Triton)", choices=("auto", "1", "0"))
     seed: int = flag(1337, "random seed (the lecture's)", low=0)
     peak_tflops: float = flag(0.0, "accelerator peak TFLOPS for MFU (0: look the GPU up)", low=0)
@@ -1085,6 +1085,7 @@ def save_checkpoint(cfg, step, raw_model, optimizer, scaler, train_loader, val_l
     """model_{step:05d}.pt: the state before optimizer step `step`, gathered from every rank,
     written by rank 0. val_loss is that step's val loss, or None where it was not evaluated.
     Never with nan/inf weights: they would rotate good checkpoints out."""
+    t0 = time.time()
     if not all_finite(raw_model):
         good = [p for s, p in list_checkpoints(cfg.log_dir) if s < step]
         raise Diverged(f"the weights before step {step} are not all finite: model_{step:05d}.pt not written; "
@@ -1117,7 +1118,7 @@ def save_checkpoint(cfg, step, raw_model, optimizer, scaler, train_loader, val_l
     if cfg.keep_checkpoints > 0:  # the newest N up to this one (not a later, abandoned run's)
         for _, old in [c for c in list_checkpoints(cfg.log_dir) if c[0] <= step][:-cfg.keep_checkpoints]:
             os.remove(old)
-    log(f"saved {path}")
+    log(f"saved {path} ({time.time() - t0:.1f}s)")
 
 
 def load_checkpoint(path):
@@ -1125,7 +1126,10 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: the tensors are read from the file as they are used, not all at once on every
+        # rank (gpt2-xl's checkpoint is 19 GB; 8 ranks on a node would hold 150 GB); the page
+        # cache is shared, and a rank under FSDP reads its shard's pages
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated file, a pickle of other objects: never unpickled
         raise UserError(f"{path} is not a readable checkpoint of train_gpt2.py "
                         f"({type(e).__name__}: it is cut short or holds other objects)") from None
@@ -1194,6 +1198,7 @@ def maybe_resume(cfg, raw_model, optimizer, scaler, train_loader, log):
     """With --resume: loads everything an exact continuation needs and returns its step; else 0."""
     if not cfg.resume:
         return 0
+    t0 = time.time()
     path, checkpoint = find_checkpoint(cfg, log)
     if checkpoint is None:
         return 0
@@ -1230,7 +1235,7 @@ def maybe_resume(cfg, raw_model, optimizer, scaler, train_loader, log):
     scaler.load_state_dict(checkpoint.get("scaler") or scaler.state_dict())
     train_loader.set_state(checkpoint["loader"])
     set_rng_state(checkpoint["rng"])
-    log(f"resumed from {path} at step {step}")
+    log(f"resumed from {path} at step {step} (loaded in {time.time() - t0:.1f}s)")
     if checkpoint["world_size"] != int(os.environ.get("WORLD_SIZE", 1)):
         log(f"the checkpoint was written by {checkpoint['world_size']} processes, this run has "
             f"{os.environ.get('WORLD_SIZE', 1)}: the loader position is the same stream's")

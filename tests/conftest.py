@@ -38,6 +38,8 @@ VOCAB = 512  # the tiny vocabulary of the training tests: their shards hold ids 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts subprocesses or compiles (deselect with "
                                        "-m 'not slow')")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped with the reason elsewhere "
+                                       "(python -m pytest -m cuda tests)")
 
 
 # -----------------------------------------------------------------------------
