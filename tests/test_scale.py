@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-from conftest import (KILL_PRELUDE, REPO, check_resumed, checkpoint_names, free_port, log_text,
-                      make_shards, read_log, run, start, tiny_args)
+from conftest import (KILL_PRELUDE, REPO, SIGTERM_PRELUDE, check_resumed, checkpoint_names,
+                      free_port, log_text, make_shards, read_log, run, start, tiny_args)
 
 import train_gpt2
 
@@ -146,12 +146,8 @@ def test_resume_moves_between_ddp_fsdp_and_one_process(data, fsdp_clean, tmp_pat
 @pytest.mark.slow
 def test_fsdp_sigterm_saves_and_exits_0(data, tmp_path):
     log_dir = str(tmp_path / "log")
-    prelude = ("import os, signal, train_gpt2\nreal = train_gpt2.get_lr\n"
-               "def get_lr(it, *a):\n    if it == 3 and os.environ['RANK'] == '0':\n"
-               "        os.kill(os.getpid(), signal.SIGTERM)\n    return real(it, *a)\n"
-               "train_gpt2.get_lr = get_lr\n")
     p = run(tiny_args(data, log_dir, max_steps=12, checkpoint_interval=100, fsdp=1), torchrun=2,
-            prelude=prelude)
+            prelude=SIGTERM_PRELUDE, env={"SIGTERM_AT": "train_gpt2.get_lr:4:0"})  # step 3's lr, rank 0
     assert "stopped by a signal after step 3" in p.stdout
     assert checkpoint_names(log_dir) == ["model_00004.pt"]
     assert torch.load(os.path.join(log_dir, "model_00004.pt"))["step"] == 4
