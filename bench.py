@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from fineweb import OneLineParser, number
 from train_gpt2 import (GPT, PRETRAINED, CausalSelfAttention, GPTConfig, UserError, flops_per_token, mfu,
-                        peak_tflops, pick_device, train_step)
+                        peak_tflops, pick_device, pick_dtype, train_step)
 
 # -----------------------------------------------------------------------------
 # The rungs: each one turns on one more of the lecture's speed-ups
@@ -58,10 +58,11 @@ RUNGS = {
 }
 
 
-def rung_settings(rung, chosen, device_type):
-    """What rung `rung` runs with: the changes of every chosen rung up to it that exist here."""
+def rung_settings(rung, chosen, device_type, half="bfloat16"):
+    """What rung `rung` runs with: the changes of every chosen rung up to it that exist here.
+    half: rung 3's autocast dtype, float16 (with a gradient scaler) on GPUs without bfloat16."""
     on = {r for r in chosen if r <= rung and not_applicable(r, device_type) is None}
-    return dict(tf32=2 in on, dtype="bfloat16" if 3 in on else "float32", compile=4 in on,
+    return dict(tf32=2 in on, dtype=half if 3 in on else "float32", compile=4 in on,
                 flash_attention=5 in on, vocab_size=50304 if 6 in on else 50257, fused=7 in on)
 
 
@@ -139,11 +140,12 @@ def run_rung(args, settings):
     # configure_optimizers fuses AdamW for device_type "cuda": "cpu" asks for the plain loop
     optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4,
                                            device_type="cuda" if settings["fused"] else "cpu")
-    scaler = torch.amp.GradScaler(enabled=False)  # bf16 and fp32 need no loss scaling
+    dtype = getattr(torch, settings["dtype"])
+    # bf16 and fp32 need no loss scaling; float16 (GPUs without bf16) does, as in training
+    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=dtype == torch.float16)
     if settings["compile"]:
         model = torch.compile(model, dynamic=False)  # as train_gpt2.py compiles it
     loader = RandomLoader(args.micro_batch_size, args.sequence_length, args.seed)
-    dtype = getattr(torch, settings["dtype"])
 
     def step():  # train_gpt2's optimizer step: forward, backward, clip, AdamW
         loss, _ = train_step(model, optimizer, scaler, loader, args.grad_accum_steps, 6e-4, 1.0,
@@ -172,8 +174,10 @@ def ladder(args):
     device_type = args.device.split(":")[0]
     tokens = args.micro_batch_size * args.sequence_length * args.grad_accum_steps
     first = None  # seconds per step of the first rung timed: speed-ups are relative to it
+    # rung 3 on CUDA: training's dtype (float16 + scaler where the GPU has no bf16); else bf16
+    half = str(pick_dtype("auto", args.device)[0])[6:] if device_type == "cuda" else "bfloat16"
     for rung in args.rungs:
-        settings = rung_settings(rung, args.rungs, device_type)
+        settings = rung_settings(rung, args.rungs, device_type, half)
         row = dict(rung=rung, change=RUNGS[rung], ms=None, tokens_per_sec=None, mfu=None,
                    memory_gib=None, speedup=None, loss=None,
                    note=not_applicable(rung, device_type) or "", **settings)
@@ -182,6 +186,8 @@ def ladder(args):
             continue
         if rung == 3 and device_type != "cuda":
             row["note"] = f"{device_type} autocast"  # runs, but not on the lecture's tensor cores
+        elif rung == 3 and half == "float16":
+            row["note"] = "float16 + scaler: no bf16 on this GPU"
         try:
             flops, seconds, memory, loss = run_rung(args, settings)
         except torch.cuda.OutOfMemoryError:  # e.g. fp32 with the (T, T) attention matrices

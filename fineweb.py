@@ -47,6 +47,7 @@ SHARD_SIZE = 10**8  # tokens per shard
 EOT = 50256  # GPT-2's <|endoftext|>, in front of (not after) every document
 DOCS_PER_TASK = 256  # documents per pool task: ~1 MB of FineWeb-Edu text, so task overhead vanishes
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+LOCK = "fineweb.lock"  # in --local_dir while a run writes there
 # the oldest versions with Encoding.encode_to_numpy and Dataset.skip (checked in their wheels)
 TIKTOKEN_MIN, DATASETS_MIN = "0.9.0", "2.19.0"
 
@@ -90,6 +91,14 @@ def read_asset(*parts):
         raise AssetError(f"{path} is damaged (its sha256 is not the one in assets/README.md): "
                          "restore it with `git checkout -- assets`")
     return data
+
+
+def format_bytes(n):
+    """1.52 GiB, 200.0 MiB, 12.0 KiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def shard_filename(split, index):
@@ -298,7 +307,12 @@ def write_atomic(path, write):
 
 
 def write_shard(path, tokens):
-    write_atomic(path, lambda f: np.save(f, tokens))
+    """np.save's bytes, written by Python's file: np.save's own writer says nothing but
+    "50000 requested and 24512 written" on a full disk, an OSError without errno or file."""
+    def write(f):
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(tokens))
+        f.write(np.ascontiguousarray(tokens).data.cast("B"))
+    write_atomic(path, write)
 
 
 def save_manifest(path, manifest):
@@ -348,6 +362,73 @@ def check_folder(out, identity, overwrite):
         if name.endswith(".tmp"):  # a killed run's half-written file
             os.remove(os.path.join(out, name))
     return manifest or {"identity": identity, "shards": [], "done": False}
+
+
+# -----------------------------------------------------------------------------
+# One run per folder: a lock file held for the run's length (this script's --local_dir, and
+# train_gpt2.py's --log_dir), so that a forgotten second run cannot interleave its files
+
+class FolderInUse(Exception):
+    """Another live process holds the folder's lock: one line that names it."""
+
+
+_held = {}  # path -> the open lock file, for the life of the process (one lock per folder)
+
+
+def lock_folder(folder, name, what, wait=False):
+    """Locks <folder>/<name> until release_folder() or the process's end; True if this call
+    took it. The kernel drops the lock of a process that dies, even by SIGKILL, so a killed
+    run's file never blocks (its pid and host stay in it until the next run writes its own).
+    A second process gets FolderInUse naming the holder (wait=True: it waits for it instead).
+    POSIX lockf, not flock: a child forked by the pool does not inherit it, so no orphaned
+    worker holds it after its parent was killed; NFS honours it. Windows locks one byte past
+    the text (msvcrt), so that the holder's line stays readable. A filesystem without locks
+    (Lustre mounted without -o flock) runs unlocked, with a warning."""
+    path = os.path.join(folder, name)
+    if path in _held:  # taken by this process already (the demo's trainer, then fineweb.main)
+        return False
+    while True:
+        f = open(path, "a+")
+        try:
+            if os.name == "nt":
+                import msvcrt
+                f.seek(1 << 20)
+                msvcrt.locking(f.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.lockf(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as e:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            if isinstance(e, (BlockingIOError, PermissionError)):
+                raise FolderInUse(f"{folder} is in use by {holder or 'another process'}: {what}") from None
+            print(f"warning: cannot lock {path} ({e.strerror or e}): nothing stops a second run "
+                  "from using this folder at the same time", file=sys.stderr)
+            return False
+        try:  # the file we locked is still the one under that name (not one removed meanwhile)
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    import socket
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _held[path] = f
+    return True
+
+
+def release_folder(folder, name):
+    """Removes the lock file (while still locked: a process waiting on it sees that and takes a
+    new one) and drops the lock."""
+    f = _held.pop(os.path.join(folder, name), None)
+    if f is not None:
+        with contextlib.suppress(OSError):  # Windows: an open file cannot be removed
+            os.remove(f.name)
+        f.close()
 
 
 # -----------------------------------------------------------------------------
@@ -535,6 +616,19 @@ def main(argv=None):
     args = parse_args(argv)
     files, builder = find_data_files(args.data_files) if args.data_files else ([], None)
     out = make_folder(args.local_dir)
+    try:
+        locked = lock_folder(out, LOCK, "another fineweb.py is writing shards there; wait for it, or stop it")
+    except FolderInUse as e:
+        fail(e)
+    try:
+        return write_folder(args, files, builder, out)
+    finally:
+        if locked:
+            release_folder(out, LOCK)
+
+
+def write_folder(args, files, builder, out):
+    """main()'s work, under the folder's lock."""
     identity = {"source": {"data_files": files} if files else {"dataset": DATASET, "config": CONFIG},
                 "shard_size": args.shard_size, "max_tokens": args.max_tokens}
     manifest = check_folder(out, identity, args.overwrite)
@@ -564,8 +658,11 @@ def main(argv=None):
             fail(e)
         except OSError as e:
             if e.filename and os.path.dirname(os.path.abspath(e.filename)) == out:  # disk full, ...
-                fail(f"cannot write {e.filename} ({e.strerror or e}); the shards finished before it "
-                     "are intact: make room and rerun the same command to continue after them")
+                import shutil
+                fail(f"cannot write {e.filename} ({e.strerror or e}; a shard needs up to "
+                     f"{format_bytes(2 * args.shard_size + 128)}, {format_bytes(shutil.disk_usage(out).free)} "
+                     "are free); the shards finished before it are intact: make room and rerun the "
+                     "same command to continue after them")
             fail(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}; "  # network gone mid-stream
                  "rerun the same command to continue after the last finished shard")
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM

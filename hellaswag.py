@@ -299,14 +299,15 @@ def main(argv=None):
                         help="only the first N examples (default: all)")
     parser.add_argument("--batch_size", type=fineweb.number(int, 1), default=BATCH_SIZE,
                         help=f"examples per forward pass (default: {BATCH_SIZE})")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="autocast dtype (default: float32, with TF32 matmuls on CUDA: the "
-                        "setting of the reference figures; training evaluates in its own dtype)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32",
+                        help="autocast dtype; auto: training's (default: float32, with TF32 matmuls on "
+                        "CUDA: the setting of the reference figures; training evaluates in its own dtype)")
     args = parser.parse_args(argv)
     try:
         if (args.model_type is None) == (args.checkpoint is None):
             raise HellaSwagError("give exactly one of -m/--model_type and --checkpoint")
         device = train_gpt2.pick_device(args.device)
+        dtype, _ = train_gpt2.pick_dtype(args.dtype, device)  # auto: training's choice
         if device.startswith("cuda"):
             torch.set_float32_matmul_precision("high")  # TF32, as the reference evaluated
         # the data first: a missing or broken file fails before a big model is loaded
@@ -318,11 +319,11 @@ def main(argv=None):
         model = train_gpt2.load_model(args.checkpoint, args.model_type, device)
         name = args.model_type or args.checkpoint
         seq_len = pad_length(rendered)
-        print(f"{name}: {len(rendered)} {args.split} examples, device {device}, dtype {args.dtype}, "
+        print(f"{name}: {len(rendered)} {args.split} examples, device {device}, dtype {str(dtype)[6:]}, "
               f"batch {args.batch_size} x 4 rows x {seq_len} tokens")
         num_correct, num_correct_norm, num_total = evaluate(
             model, rendered, device, batch_size=args.batch_size, seq_len=seq_len,
-            autocast_dtype=getattr(torch, args.dtype), progress=True)
+            autocast_dtype=dtype, progress=True)
     except (HellaSwagError, train_gpt2.UserError, fineweb.AssetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

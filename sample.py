@@ -7,7 +7,8 @@ Sample text from one of our checkpoints, or from OpenAI's GPT-2 through Hugging 
 
 By default this is the training loop's sampling, number for number: 4 samples of the prompt
 "Hello, I'm a language model," (8 tokens) + 24 new tokens = 32 tokens, top-k 50, a generator
-on the device seeded 42 (the training loop's 42 + rank, rank 0), bf16 autocast on CUDA.
+on the device seeded 42 (the training loop's 42 + rank, rank 0), in the dtype training picks
+(bf16 on Ampere or newer, float16 on older GPUs, float32 off CUDA).
 What is new is a KV cache (--no_kv_cache: off): each new token runs through the model alone,
 attending to the keys and values cached for the tokens before it. In float32 it gives the
 training loop's tokens; under bf16 its other matmul shapes round differently, so a sample may
@@ -121,8 +122,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=number(int, 0), default=42,
                         help="the training loop uses 42 + rank (default: 42)")
     parser.add_argument("--device", default="auto", help="cuda, mps or cpu (default: auto, the first there is)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="autocast dtype (default: bfloat16 on cuda, as training, else float32)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="autocast dtype (default: auto, training's: bfloat16 on GPUs that have it, "
+                             "float16 on older ones, float32 off CUDA)")
     parser.add_argument("--no_kv_cache", action="store_true",
                         help="rerun the whole sequence for every token, as training does (default: off)")
     args = parser.parse_args(argv)
@@ -130,11 +132,11 @@ def main(argv=None):
         if (args.model_type is None) == (args.checkpoint is None):
             raise UserError("give exactly one of --checkpoint and -m/--model_type")
         device = train_gpt2.pick_device(args.device)
-        dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        dtype, _ = train_gpt2.pick_dtype(args.dtype, device)  # training's choice
         enc = fineweb.gpt2_encoding()  # before the model: a damaged tokenizer file fails fast
         model = train_gpt2.load_model(args.checkpoint, args.model_type, device)
         out = sample(model, enc, args.prompt, args.num_samples, args.max_new_tokens, args.top_k,
-                     args.temperature, args.seed, getattr(torch, dtype), not args.no_kv_cache)
+                     args.temperature, args.seed, dtype, not args.no_kv_cache)
     except (UserError, fineweb.AssetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -14,7 +14,6 @@ lecture" lives what the lecture lacks: checkpoints and exact resume, signals, fl
 """
 import argparse
 import dataclasses
-import functools
 import gc
 import json
 import math
@@ -407,6 +406,7 @@ class TrainConfig:
     # the machine
     device: str = flag("auto", "cuda, mps or cpu (auto: the first there is)")
     fsdp: bool = flag(False, "torchrun: shard weights, gradients, AdamW state (FSDP2), not DDP")
+    ddp_timeout: int = flag(1800, "torchrun: seconds a process waits for the others (a 1.5B save) before it fails", low=1)
     activation_checkpointing: bool = flag(False, "recompute activations in the backward: less memory")
     dtype: str = flag("auto", "autocast dtype, or auto: bfloat16 on CUDA, else float16 + scaler on old GPUs, "
                       "float32 off CUDA", choices=("auto", "float32", "bfloat16", "float16"))
@@ -449,8 +449,8 @@ def train_step(model, optimizer, scaler, train_loader, grad_accum_steps, lr, gra
     # determine and set the learning rate for this iteration
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
-    scaler.step(optimizer)  # = optimizer.step(), unless float16 gradients overflowed: then skipped
-    scaler.update()
+    # = optimizer.step(), unless float16 gradients overflowed, or (beyond the lecture) the norm is nan/inf
+    step_if_finite(optimizer, scaler, norm)
     return loss_accum, norm
 
 
@@ -469,8 +469,8 @@ def train(cfg, stop):
         if device == "cuda":
             device = f"cuda:{ddp_local_rank}"
             torch.cuda.set_device(device)
-        # the lecture's DDP needed CUDA (NCCL); gloo runs it on CPUs too
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        # the lecture's DDP needed CUDA (NCCL); gloo runs it on CPUs too (beyond it: bounded waits)
+        init_process_group("nccl" if device.startswith("cuda") else "gloo", cfg.ddp_timeout)
     else:
         ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
     master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
@@ -510,11 +510,11 @@ def train(cfg, stop):
         checkpoint_blocks(raw_model)
     dtype, dtype_why = pick_dtype(cfg.dtype, device)
     use_compile, compile_why = pick_compile(cfg.compile, device_type)
-    if use_compile:
+    if use_compile and not (ddp and cfg.fsdp):  # FSDP: each block compiled in shard_model
         # evaluation and sampling use fixed shapes: compile stays on for them (the lecture's was off)
         model = torch.compile(model, dynamic=False)
     if ddp and cfg.fsdp:  # beyond the lecture: FSDP2 shards weights, gradients and AdamW state
-        shard_model(raw_model)
+        shard_model(raw_model, use_compile)
     elif ddp:
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
 
@@ -540,8 +540,8 @@ def train(cfg, stop):
     run_log = RunLog(cfg, log_file, start_step, master_process)  # beyond the lecture: rank 0 writes them
 
     def checkpoint(step, val_loss=None):  # the state before optimizer step `step`
-        save_checkpoint(cfg, step, raw_model, optimizer, scaler, train_loader, val_loss,
-                        ddp_world_size, master_process, log)
+        save_checkpoint(cfg, step, raw_model, optimizer, scaler, train_loader, val_loss, ddp_world_size, master_process, log)
+    nonfinite = NonFiniteSteps(cfg, scaler, log)  # beyond the lecture: nan/inf steps are skipped, 5 in a row stop
 
     amp = dict(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
     if stop.vote(ddp, device):  # SIGTERM / Ctrl-C while starting up: nothing to save yet
@@ -663,6 +663,7 @@ def train(cfg, stop):
         eta = run_log.train(step, loss_accum, lr, norm, dt, tokens_per_sec, step_mfu)  # and the time left
         log(f"step {step:5d} | loss {loss_accum:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt: {dt * 1000:.2f}ms | "
             f"tok/sec: {tokens_per_sec:.2f}{f' | mfu {100 * step_mfu:.1f}%' if peak else ''} | eta {eta}")
+        nonfinite.check(step, loss_accum, norm)  # a warning per nan/inf step; 5 in a row: stop
         if stop_votes > 0 and not last_step:  # SIGTERM (preemption) or Ctrl-C: save, stop
             checkpoint(step + 1)
             log(f"stopped by a signal after step {step}; continue with --resume auto")
@@ -702,12 +703,16 @@ def device_name(device):
 
 
 def pick_dtype(name, device):
-    """(autocast dtype, why). bfloat16 needs no gradient scaler; float16 does."""
+    """(autocast dtype, why): the one dtype choice of the trainer and of every tool. bfloat16
+    needs no gradient scaler; float16 does. auto: bfloat16 only where `device` (the run's own
+    GPU, not the current one) computes in it, compute capability 8.0 (Ampere) or more, or
+    ROCm. torch.cuda.is_bf16_supported() also counts emulated bfloat16, which a V100 or T4
+    runs very slowly and Inductor does not compile: those train in float16 with a scaler."""
     if name == "auto":
         if device.startswith("cuda"):
-            if torch.cuda.is_bf16_supported():
-                return torch.bfloat16, "auto: CUDA with bfloat16"
             major, minor = torch.cuda.get_device_capability(device)
+            if torch.version.hip or (major, minor) >= (8, 0):
+                return torch.bfloat16, f"auto: compute capability {major}.{minor} has bfloat16"
             return torch.float16, (f"auto: compute capability {major}.{minor} has no bfloat16, "
                                    "so float16 with a gradient scaler")
         return torch.float32, f"auto: float32 on {device}"
@@ -790,8 +795,15 @@ def write_demo_shards(cfg):
     """--demo's data: tiny shakespeare's shards in --data_root, written by fineweb.py's own code
     on first use (by a node's first process; the others wait for it). Later runs find them done."""
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        fineweb.main(["--data_files", fineweb.asset_path("tinyshakespeare", "input.txt"), "--local_dir",
-                      cfg.data_root, "--shard_size", str(DEMO_SHARD_SIZE), "--num_proc", "1"])
+        # on a shared filesystem each node's first process takes the folder in turn (waiting
+        # for the one that writes it), then finds the shards done
+        os.makedirs(cfg.data_root, exist_ok=True)
+        fineweb.lock_folder(cfg.data_root, fineweb.LOCK, "", wait=True)
+        try:
+            fineweb.main(["--data_files", fineweb.asset_path("tinyshakespeare", "input.txt"), "--local_dir",
+                          cfg.data_root, "--shard_size", str(DEMO_SHARD_SIZE), "--num_proc", "1"])
+        finally:
+            fineweb.release_folder(cfg.data_root, fineweb.LOCK)
         return
     manifest = os.path.join(cfg.data_root, "manifest.json")
     for _ in range(600):
@@ -826,15 +838,26 @@ def checkpoint_blocks(model):
     runs its forward again (torch.utils.checkpoint, non-reentrant): the same gradients."""
     from torch.utils.checkpoint import checkpoint
     for block in model.transformer.h:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        # a function of this file, not a functools.partial of checkpoint: a block compiled on
+        # its own (FSDP) has Dynamo trace this frame and take checkpoint() in; Dynamo skips
+        # checkpoint's own frame, and the block's forward under it would run eager
+        block.forward = lambda x, forward=block.forward: checkpoint(forward, x, use_reentrant=False)
 
 
-def shard_model(model):
+def shard_model(model, compile_blocks=False):
     """--fsdp: FSDP2 in place, each Block a unit and the root the rest, the tied wte/lm_head
     with it (a tied weight must stay in one unit). Each rank keeps 1/N of the weights,
-    gradients and AdamW state and gathers a unit's weights when it runs."""
+    gradients and AdamW state and gathers a unit's weights when it runs.
+    --compile: torch's order for FSDP2, each block wrapped for activation checkpointing (done
+    before), then compiled, then sharded, then the root sharded. Compiling the whole model
+    instead compiles only the blocks (Dynamo skips FSDP2's hooks, so GPT.forward's frame is
+    skipped), and with activation checkpointing nothing at all. The root (embeddings, ln_f,
+    lm_head, the loss) runs eager: compiled whole, its frame breaks at every FSDP2 unit.
+    Module.compile() compiles in place: the state_dict's names stay the plain model's."""
     from torch.distributed.fsdp import fully_shard
     for block in model.transformer.h:
+        if compile_blocks:
+            block.compile(dynamic=False)
         fully_shard(block)
     fully_shard(model)
 
@@ -843,10 +866,20 @@ def estimate_memory(cfg, n_params, dtype, world_size):
     """Bytes per GPU of (weights, gradients, AdamW state, activations, the peak of a step), from
     the tensors an eager step keeps (measured on CPU to within a few %; torch.compile keeps
     fewer, CUDA's allocator and context add some). The peak is the loss's backward, with every
-    activation alive, or the optimizer step."""
+    activation alive, or the optimizer step. The gradients are those of the peak: with gradient
+    accumulation the sums of the earlier micro-steps live through the later ones, and under
+    FSDP unsharded: with the sync off (set_requires_gradient_sync) every rank keeps the whole
+    gradient until the last micro-step reduce-scatters it."""
     L, C, V, BT = cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.micro_batch_size * cfg.sequence_length
     shard = world_size if cfg.fsdp else 1
-    weights, grads, adam = 4 * n_params / shard, 4 * n_params / shard, 8 * n_params / shard
+    accumulating = cfg.total_batch_size > BT * world_size  # more than one micro-step
+    weights, step_grads, adam = 4 * n_params / shard, 4 * n_params / shard, 8 * n_params / shard
+    held = 4 * n_params if accumulating else 0  # alive during a later micro-step, unsharded
+    grads = max(step_grads, held)
+    # the tied wte/lm_head's gradient, computed first in the backward: a new tensor beside the held
+    # sum until it is added in; under FSDP also the root unit's flat copy for the reduce-scatter
+    fresh = 4 * V * C if accumulating else 0
+    scatter = 4 * V * C * (1 + 1 / shard) if cfg.fsdp else 0
     if cfg.fsdp:  # the root unit (wte/lm_head) stays whole; two blocks gathered at a time
         weights += 4 * (V * C + 2 * (12 * C * C + 13 * C))
     static = weights + adam + (4 * n_params if world_size > 1 and not cfg.fsdp else 0)  # DDP's buckets
@@ -859,10 +892,98 @@ def estimate_memory(cfg, n_params, dtype, world_size):
     logits = (2 if half else 4) * V  # and the loss's float32 log-softmax, 4V
     casts = 2 * (V * C + (0 if cfg.activation_checkpointing else 12 * L * C * C)) if half else 0
     activations = BT * (L * per_layer + 8 * C + logits + 4 * V) + casts
-    peak = max(static + activations + BT * 8 * V,  # + the two (B, T, V) gradients of the loss
-               static + grads + BT * (logits + block + 20 * C),  # a block's backward
-               static + grads + BT * logits + 8 * max(V * C, 4 * C * C) / shard)  # AdamW
+    peak = max(static + held + fresh + activations + BT * 8 * V,  # + the two (B, T, V) gradients of the loss
+               static + grads + scatter + BT * (logits + block + 20 * C),  # a block's backward
+               static + step_grads + BT * logits + 8 * max(V * C, 4 * C * C) / shard)  # AdamW
     return weights, grads, adam, activations, peak
+
+
+# -----------------------------------------------------------------------------
+# The process group: waits that end, and torchrun's restarts
+
+def init_process_group(backend, timeout_s):
+    """The process group of torchrun's processes, with two fixes:
+    - every wait on another process (the start, a collective) fails after timeout_s seconds
+      instead of hanging on a process that died or hangs (NCCL: with torchrun's
+      TORCH_NCCL_ASYNC_ERROR_HANDLING, its watchdog aborts the process);
+    - torchrun --max-restarts keeps one TCPStore for all attempts of a run (its rendezvous
+      store, shared with the workers), so the keys that the process group of a dead attempt
+      wrote, such as each rank's gloo/NCCL address, are still there when the restarted workers
+      start: one of them may read the dead peer's address and fail to connect, or wait forever.
+      Each attempt's keys get a prefix of their own."""
+    from datetime import timedelta
+    timeout = timedelta(seconds=timeout_s)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    try:
+        if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            dist.init_process_group(backend=backend, timeout=timeout)  # env://: a store of its own
+            return
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=False, timeout=timeout)  # torchrun's agent serves it
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"train_gpt2/attempt{attempt}", store),
+                                rank=rank, world_size=world_size, timeout=timeout)
+    except RuntimeError as e:  # DistStoreError, DistNetworkError, gloo's: a process never came
+        if not PEER_TIMEOUT.search(str(e)):
+            raise
+        raise PeerLost(f"the {world_size} processes did not all start within --ddp_timeout "
+                       f"{timeout_s}s ({str(e).strip().splitlines()[-1][:200]})") from None
+
+
+# -----------------------------------------------------------------------------
+# Non-finite steps: a nan/inf loss or gradient norm never reaches the weights
+
+def step_if_finite(optimizer, scaler, norm):
+    """scaler.step(optimizer) and scaler.update(), but in bfloat16 and float32 no step at all
+    where the gradient norm is nan or inf: AdamW would carry it into every weight and moment.
+    The norm is of the summed gradients of every rank (DDP's all-reduced ones, FSDP's global
+    norm), so every rank decides alike; a nan/inf loss makes its gradients nan too. The float16
+    scaler already skips such steps (and lowers its scale). The .item() waits for the backward,
+    as the scaler's own check does."""
+    if scaler.is_enabled() or torch.isfinite(norm).item():
+        scaler.step(optimizer)
+    scaler.update()
+
+
+class Diverged(Exception):
+    """Training cannot go on (its steps keep coming out nan/inf): one line, exit status 1."""
+
+
+class NonFiniteSteps:
+    """After each step: a warning line for a step whose loss (the mean of every rank's) or
+    gradient norm is nan/inf, and the stop after LIMIT such steps in a row. Under float16 the
+    scaler skips the steps whose gradients overflow: normal while its scale settles, so those
+    count only when the loss itself is not finite."""
+    LIMIT = 5
+
+    def __init__(self, cfg, scaler, log):
+        self.cfg, self.scaler, self.log, self.in_a_row = cfg, scaler, log, 0
+
+    def check(self, step, loss, norm):
+        norm_bad = not math.isfinite(norm) and not self.scaler.is_enabled()
+        if math.isfinite(loss) and not norm_bad:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.log(f"warning: step {step}: loss {loss}, gradient norm {norm}: "
+                 + ("not finite, the weights were not updated" if norm_bad or self.scaler.is_enabled()
+                    else "the loss is not finite"))
+        if self.in_a_row >= self.LIMIT:
+            good = list_checkpoints(self.cfg.log_dir)
+            raise Diverged(f"stopped at step {step}: {self.in_a_row} steps in a row with a nan/inf loss or "
+                           f"gradient norm; the newest checkpoint, all finite, is "
+                           + (f"{good[-1][1]}: resume it with a lower --max_lr" if good else "none: none was written")
+                           + " (or raise --warmup_steps, or lower --grad_clip)")
+
+
+def all_finite(model):
+    """Are this model's weights all finite, on every rank (under FSDP each checks its shard)?
+    A collective where there are several processes."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    bad = torch.stack([(~torch.isfinite(p)).sum() for p in local]).sum().float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.SUM)
+    return bad.item() == 0
 
 
 # -----------------------------------------------------------------------------
@@ -897,6 +1018,7 @@ class StopRequest:
 # with all that an exact resume needs
 
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt")
+SHORT_WRITE = re.compile(r"unexpected pos|failed writing|file write failed")  # torch.save's, on a full disk
 
 
 def list_checkpoints(log_dir):
@@ -961,7 +1083,12 @@ def load_full_state(model, optimizer, model_state, optim_state):
 def save_checkpoint(cfg, step, raw_model, optimizer, scaler, train_loader, val_loss, world_size,
                     master_process, log):
     """model_{step:05d}.pt: the state before optimizer step `step`, gathered from every rank,
-    written by rank 0. val_loss is that step's val loss, or None where it was not evaluated."""
+    written by rank 0. val_loss is that step's val loss, or None where it was not evaluated.
+    Never with nan/inf weights: they would rotate good checkpoints out."""
+    if not all_finite(raw_model):
+        good = [p for s, p in list_checkpoints(cfg.log_dir) if s < step]
+        raise Diverged(f"the weights before step {step} are not all finite: model_{step:05d}.pt not written; "
+                       f"the newest checkpoint, all finite, is {good[-1] if good else 'none'}")
     model_state, optim_state = full_state(raw_model, optimizer)
     if not master_process:
         return
@@ -972,12 +1099,21 @@ def save_checkpoint(cfg, step, raw_model, optimizer, scaler, train_loader, val_l
                   "world_size": world_size, "rng": rng_state()}
     try:
         fineweb.write_atomic(path, lambda f: torch.save(checkpoint, f))
-    except OSError as e:  # the disk is full: the temporary file is gone, the older ones intact
+    except (OSError, RuntimeError) as e:  # the temporary file is gone, the older ones intact
+        # a full disk: an OSError of write() or fsync(), or from torch.save's zip writer a
+        # RuntimeError ("unexpected pos 197696 vs 197588": a short write)
+        if isinstance(e, RuntimeError) and not SHORT_WRITE.search(str(e)):
+            raise
+        import shutil
         older = [p for s, p in list_checkpoints(cfg.log_dir) if s < step]
-        raise UserError(f"cannot write {path} ({e.strerror or e}; it needs about "
-                        f"{16 * sum(p.numel() for p in raw_model.parameters()) / 2**30:.2f} GiB: "
-                        f"weights and AdamW state); " + (f"the previous checkpoint {older[-1]} is "
-                        "intact" if older else "there is no earlier checkpoint")) from None
+        need = os.path.getsize(older[-1]) if older else 16 * sum(p.numel() for p in raw_model.parameters())
+        free = shutil.disk_usage(cfg.log_dir).free
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else
+                  "No space left on device" if free < need else "the write stopped short")
+        raise UserError(f"cannot write {path} ({reason}; it needs about {fineweb.format_bytes(need)}, "
+                        f"{fineweb.format_bytes(free)} are free); "
+                        + (f"the previous checkpoint {older[-1]} is intact" if older
+                           else "there is no earlier checkpoint")) from None
     if cfg.keep_checkpoints > 0:  # the newest N up to this one (not a later, abandoned run's)
         for _, old in [c for c in list_checkpoints(cfg.log_dir) if c[0] <= step][:-cfg.keep_checkpoints]:
             os.remove(old)
@@ -1105,6 +1241,7 @@ def maybe_resume(cfg, raw_model, optimizer, scaler, train_loader, log):
 # The log folder: what a fresh start may overwrite, and the log after a resume
 
 OUR_FILES = re.compile(r"(model_\d+\.pt|log\.txt|config\.json|wandb_run\.json)(\.tmp)?")
+LOCK = "train_gpt2.lock"  # in --log_dir while a run uses it (fineweb.lock_folder)
 
 
 def check_log_dir(cfg):
@@ -1119,6 +1256,13 @@ def check_log_dir(cfg):
                 pass
         except OSError as e:
             raise UserError(f"cannot write to --log_dir {cfg.log_dir} ({e.strerror or e})") from None
+        # one run per folder, before anything in it is read or deleted: rank 0, the only writer
+        # (one lock for all nodes, on a shared filesystem), holds it until main() returns
+        try:
+            fineweb.lock_folder(cfg.log_dir, LOCK, "another run of train_gpt2.py writes its log and "
+                                "checkpoints there (a forgotten window?); stop it, or choose another --log_dir")
+        except fineweb.FolderInUse as e:
+            raise UserError(e) from None
     if cfg.resume or not list_checkpoints(cfg.log_dir):
         return
     if not cfg.overwrite:
@@ -1364,13 +1508,16 @@ def check_config(cfg):
     if cfg.vocab_size < 50257 and (cfg.sample or cfg.hellaswag):
         raise UserError(f"--vocab_size {cfg.vocab_size} is smaller than the GPT-2 tokenizer's 50257, "
                         "which sampling and HellaSwag use: raise it, or pass --sample 0 --hellaswag 0")
+    if world_size > 1 and cfg.device.startswith("cuda:"):  # every rank would take that one GPU
+        raise UserError(f"--device {cfg.device} under torchrun: each process takes the GPU of its "
+                        "LOCAL_RANK; pass --device cuda, and choose the GPUs with CUDA_VISIBLE_DEVICES")
     pick_compile(cfg.compile, pick_device(cfg.device).split(":")[0])  # no Triton: fail now, not at step 0
     if cfg.init_from and cfg.resume:
         raise UserError("--init_from starts a new run from a model's weights; --resume continues a "
                         "run: pass one of them")
-    if cfg.fsdp and world_size == 1:
+    if cfg.fsdp and "RANK" not in os.environ:  # (torchrun with 1 process: FSDP on 1 GPU, as the tests run it)
         raise UserError("--fsdp 1 shards the model over the processes of torchrun: launch with "
-                        "torchrun --nproc_per_node=N (N > 1), or leave it off")
+                        "torchrun --nproc_per_node=N, or leave it off")
     if not cfg.log_dir or not cfg.data_root:
         raise UserError("--log_dir and --data_root must not be empty")
     require_packages(cfg)
@@ -1451,11 +1598,18 @@ def report_start(cfg, device, dtype, dtype_why, use_compile, compile_why, raw_mo
 # how gloo and NCCL report that a peer process went away
 PEER_LOST = re.compile(r"closed by peer|reset by peer|remote worker|remote process|Broken pipe|"
                        r"NCCL communicator was aborted|Failed to recv")
+# ... and that it did not answer within the process group's timeout (--ddp_timeout)
+PEER_TIMEOUT = re.compile(r"[Tt]imed out|[Tt]imeout")
+
+
+class PeerLost(UserError):
+    """Another process of the run died or hangs: every process that waited on it says so."""
 
 
 def main(argv=None):
     stop = StopRequest()  # first of all: a SIGTERM during the start must not kill silently
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    cfg = None
     try:
         cfg = parse_args(argv)
         check_log_dir(cfg)
@@ -1465,15 +1619,24 @@ def main(argv=None):
         if cfg.demo and rank == 0:  # the demo's last stage: the curves, as plot_log.py draws them
             import plot_log
             plot_log.main([os.path.join(cfg.log_dir, "log.txt")])
+    except Diverged as e:  # every rank decided alike: rank 0 says it
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     except (UserError, fineweb.AssetError) as e:
         # before the process group, every process fails alike: one line per node; after it, an
         # error may be one process's own (its node's data, its GPU): each says it
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if isinstance(e, PeerLost) or dist.is_initialized() and dist.get_world_size() > 1:
             print(f"error: rank {rank}: {e}", file=sys.stderr)
         elif local_rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1
-    except RuntimeError as e:  # a collective failed because another process died
+    except RuntimeError as e:  # a collective failed because another process died or hangs
+        if dist.is_initialized() and PEER_TIMEOUT.search(str(e)):  # each waiting process says it
+            print(f"error: rank {rank}: no answer from another process of this run within "
+                  f"--ddp_timeout {cfg.ddp_timeout}s: it died or hangs (a stopped job, a dead node, "
+                  "a save slower than that: raise --ddp_timeout)", file=sys.stderr)
+            return 1
         if not (dist.is_initialized() and PEER_LOST.search(str(e))):
             raise
         if local_rank == 0:
@@ -1492,6 +1655,14 @@ def main(argv=None):
         print(f"error: {str(e).splitlines()[0]} Set PYTORCH_ENABLE_MPS_FALLBACK=1 to run it on the "
               "CPU, or pass --device cpu", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk while writing log.txt or config.json
+        import errno
+        if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        print(f"error: cannot write {e.filename or 'to ' + cfg.log_dir} ({e.strerror}); the "
+              "checkpoints written before are intact: make room and continue with --resume auto",
+              file=sys.stderr)
+        return 1
     except RunFinished as e:
         if rank == 0:
             print(e)
@@ -1501,6 +1672,8 @@ def main(argv=None):
         return 130
     finally:
         stop.restore()
+        if rank == 0 and cfg is not None:
+            fineweb.release_folder(cfg.log_dir, LOCK)
         if dist.is_initialized():
             # DDP sits in a reference cycle: free it while the process group lives (left to
             # the interpreter's exit, gloo sometimes aborts with "terminate called ...")

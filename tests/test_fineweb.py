@@ -574,27 +574,3 @@ def test_write_atomic_leaves_the_old_file_or_the_new_one(tmp_path):
     assert str(e.value) == "connection reset" and e.value.filename is None
     fineweb.write_atomic(path, lambda f: f.write(b"new"))
     assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["file.bin"]
-
-
-def test_disk_full_names_the_file_and_keeps_the_finished_shards(corpus, tmp_path, monkeypatch):
-    docs, jsonl, _ = corpus
-    ref = reference_shards(docs, S)
-    args = ("--data_files", jsonl, "--local_dir", tmp_path, "--shard_size", S, "--num_proc", 1)
-    real_save, calls = np.save, []
-
-    def disk_full_in_third_shard(f, array):
-        calls.append(array)
-        if len(calls) == 3:
-            f.write(b"\x93NUMPY, and then the disk was full")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(f, array)
-
-    monkeypatch.setattr(np, "save", disk_full_in_third_shard)
-    message = error_of(*args)
-    monkeypatch.setattr(np, "save", real_save)
-    shard = tmp_path / "edufineweb_train_000002.npy"
-    assert f"cannot write {shard} (No space left on device)" in message and "intact" in message
-    assert not list(tmp_path.glob("*.tmp"))
-    assert shard_files(tmp_path) == {name: ref[name] for name in list(ref)[:2]}
-    assert fineweb.main(cli(*args)) == 0
-    assert shard_files(tmp_path) == ref

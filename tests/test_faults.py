@@ -1,0 +1,274 @@
+"""Faults a long run meets, made for real: a worker SIGKILLed under torchrun --max-restarts, a
+peer that hangs (SIGSTOP) or never starts, a second run into the same folder, a full disk (a
+tmpfs), and damaged files of every kind that a script reads."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, log_text, make_shards, tiny_args
+
+# -----------------------------------------------------------------------------
+# helpers: a script run under a prelude (Python run first in the same process)
+
+# KILL_STEP / KILL_RANK / SIGNAL: the process of that local rank sends itself SIGNAL just before
+# optimizer step KILL_STEP, in torchrun's first attempt only. In a restarted attempt local rank 0
+# starts RESTART_DELAY seconds late (as a slower node would): the others reach the process
+# group first
+STEP_PRELUDE = """
+import os, signal, sys, time
+import train_gpt2
+if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and os.environ.get("LOCAL_RANK") == "0":
+    time.sleep(float(os.environ.get("RESTART_DELAY", "0")))
+real_train_step, calls = train_gpt2.train_step, [0]
+def train_step(*args, **kwargs):
+    if (calls[0] == int(os.environ["KILL_STEP"]) and os.environ.get("LOCAL_RANK", "0") == os.environ["KILL_RANK"]
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+        os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
+    calls[0] += 1
+    return real_train_step(*args, **kwargs)
+train_gpt2.train_step = train_step
+"""
+
+
+def script_with_prelude(tmp_path, prelude, module="train_gpt2"):
+    path = tmp_path / f"with_prelude_{module}.py"
+    path.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n{prelude}\nimport {module}\n"
+                    f"sys.exit({module}.main())\n")
+    return str(path)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("data"))
+
+
+# -----------------------------------------------------------------------------
+# torchrun --max-restarts: a SIGKILLed worker, the pair restarted, the run finished by itself
+
+def torchrun(args, restarts, env=None, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={restarts}"] + args
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_sigkilled_worker_under_max_restarts_recovers_to_the_uninterrupted_log(data, tmp_path):
+    clean, log_dir = str(tmp_path / "clean"), str(tmp_path / "log")
+    flags = dict(max_steps=12, resume="auto")  # checkpoints at 3, 6, 9, 11, 12
+    p = torchrun([str(REPO / "train_gpt2.py")] + tiny_args(data, clean, **flags), restarts=0)
+    assert p.returncode == 0, p.stderr[-3000:]
+    # local rank 1 is SIGKILLed before step 7: torchrun restarts both, which resume at step 6.
+    # Rank 0 restarts late: without a key prefix per attempt, rank 1 reads the dead rank 0's
+    # address from torchrun's store and fails to connect (or hangs: the timeout bounds it).
+    script = script_with_prelude(tmp_path, STEP_PRELUDE)
+    p = torchrun([script] + tiny_args(data, log_dir, **flags, ddp_timeout=60), restarts=3, timeout=180,
+                 env=dict(KILL_STEP="7", KILL_RANK="1", SIGNAL="SIGKILL", RESTART_DELAY="3"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "exitcode: -9" in p.stderr and "local_rank: 1" in p.stderr, p.stderr[-3000:]  # it was killed
+    assert f"resumed from {log_dir}/model_00006.pt at step 6" in p.stdout, p.stdout[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert log_text(log_dir) == log_text(clean)  # line for line
+    assert log_text(clean).count(" train ") == 12
+
+
+# -----------------------------------------------------------------------------
+# bounded waits: a peer that hangs (SIGSTOP) or never starts; the others end with one line
+
+def launch(rank, args, port, env=None):
+    """One process of a 2-process run started as a scheduler does (srun: RANK, WORLD_SIZE, ...)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}))
+    return subprocess.Popen([sys.executable] + args, cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name == "nt", reason="SIGSTOP")
+@pytest.mark.parametrize("fault", ["hangs", "never starts"])
+def test_a_rank_waiting_on_a_hung_or_missing_peer_exits_with_one_line(data, tmp_path, fault):
+    timeout = 4
+    args = tiny_args(data, str(tmp_path / "log"), ddp_timeout=timeout)
+    port, peer = free_port(), None
+    t0 = time.time()
+    if fault == "hangs":  # rank 1 stops itself (SIGSTOP) before step 3, inside the run
+        script = script_with_prelude(tmp_path, STEP_PRELUDE)
+        peer = launch(1, [script] + args, port, env=dict(KILL_STEP="3", KILL_RANK="1", SIGNAL="SIGSTOP"))
+    rank0 = launch(0, [str(REPO / "train_gpt2.py")] + args, port)
+    try:
+        out, err = rank0.communicate(timeout=120)
+    finally:
+        for p in (rank0, peer):
+            if p and p.poll() is None:
+                p.kill()
+                p.communicate()
+    elapsed = time.time() - t0
+    assert rank0.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0: "), err[-3000:]
+    assert f"--ddp_timeout {timeout}s" in lines[0], lines[0]
+    if fault == "hangs":
+        assert "step     2" in out and "step     3" not in out, out[-2000:]  # it waited at step 3
+    assert elapsed < 60 + 2 * timeout, elapsed  # the start (imports) plus the timeout, not forever
+
+
+# -----------------------------------------------------------------------------
+# one run per folder: a second run is refused while the first lives; a killed one never blocks
+
+def stopped_run(cmd, env):
+    """A subprocess, returned once it has stopped itself (SIGSTOP): alive, holding its files."""
+    p = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", **env), text=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    _, status = os.waitpid(p.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), p.stderr.read()[-3000:]
+    return p
+
+
+def kill_group(p):
+    os.killpg(p.pid, signal.SIGKILL)
+    os.killpg(p.pid, signal.SIGCONT)  # a stopped process dies only once it runs
+    p.wait()
+
+
+def call_main(main, argv, capsys):
+    """A script's main(argv) in this process: (exit status, stdout, stderr). fineweb.py's
+    errors are SystemExit(message): the message is then its stderr (its progress bar left out)."""
+    message = None
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # fineweb.fail() and argparse exit
+        rc, message = (e.code, None) if isinstance(e.code, int) or e.code is None else (1, e.code)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err[-3000:]
+    return rc, out, err if message is None else message + "\n"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name == "nt", reason="SIGSTOP, SIGKILL")
+def test_a_second_run_into_the_log_dir_is_refused_and_a_killed_runs_lock_never_blocks(data, tmp_path, capsys):
+    import train_gpt2
+    log_dir = str(tmp_path / "log")
+    first = stopped_run([sys.executable, script_with_prelude(tmp_path, STEP_PRELUDE)] + tiny_args(data, log_dir),
+                        env=dict(KILL_STEP="2", KILL_RANK="0", SIGNAL="SIGSTOP"))
+    try:
+        for flags in (dict(resume="auto"), dict(overwrite=1)):  # neither may touch its files
+            rc, out, err = call_main(train_gpt2.main, tiny_args(data, log_dir, **flags), capsys)
+            assert rc == 1 and len(err.strip().splitlines()) == 1, err
+            assert err.startswith(f"error: {log_dir} is in use by pid {first.pid} on host "
+                                  f"{socket.gethostname()}, since "), err
+        assert sorted(os.listdir(log_dir)) == ["config.json", "log.txt", "train_gpt2.lock"]
+    finally:
+        kill_group(first)  # SIGKILL: no cleanup; its lock file stays, unlocked
+    assert os.path.exists(os.path.join(log_dir, "train_gpt2.lock"))
+    rc, out, err = call_main(train_gpt2.main, tiny_args(data, log_dir, resume="auto"), capsys)
+    assert rc == 0, err
+    assert "train_gpt2.lock" not in os.listdir(log_dir)  # a run that ends removes it
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name == "nt", reason="SIGSTOP, SIGKILL")
+def test_a_second_fineweb_into_the_local_dir_is_refused_and_a_killed_runs_lock_never_blocks(tmp_path, capsys):
+    import fineweb
+    from conftest import SHAKESPEARE
+    out_dir = str(tmp_path / "shards")
+    argv = ["--data_files", str(SHAKESPEARE), "--local_dir", out_dir, "--shard_size", "50000", "--num_proc", "1"]
+    prelude = ("import os, signal, fineweb\nreal = fineweb.write_shard\n"
+               "def write_shard(path, tokens):\n    os.kill(os.getpid(), signal.SIGSTOP)\n"
+               "    real(path, tokens)\nfineweb.write_shard = write_shard\n")
+    first = stopped_run([sys.executable, script_with_prelude(tmp_path, prelude, module="fineweb")] + argv, env={})
+    try:
+        rc, out, err = call_main(fineweb.main, argv, capsys)
+        assert rc == 1 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"fineweb.py: error: {out_dir} is in use by pid {first.pid} on host "), err
+    finally:
+        kill_group(first)
+    rc, out, err = call_main(fineweb.main, argv, capsys)
+    assert rc == 0 and "wrote 7 shards" in out, (out, err)
+    assert sorted(os.listdir(out_dir))[-1] == "manifest.json" and "fineweb.lock" not in os.listdir(out_dir)
+
+
+# -----------------------------------------------------------------------------
+# a real full disk: a small tmpfs (root only), no mocks
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A function mount(size) -> a tmpfs of that many bytes, unmounted after the test."""
+    mounted = []
+
+    def mount(size):
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        if os.name == "nt" or os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root (a real full disk, not a mock)")
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.slow
+def test_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_previous_one(data, tmp_path, small_disk):
+    import torch
+    clean = str(tmp_path / "clean")
+    run_args = lambda log_dir: tiny_args(data, log_dir)  # noqa: E731
+    p = subprocess.run([sys.executable, str(REPO / "train_gpt2.py")] + run_args(clean), cwd=REPO,
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    size = os.path.getsize(os.path.join(clean, "model_00003.pt"))
+    log_dir = str(small_disk(size * 3 // 2) / "log")  # room for one checkpoint, not for two
+    p = subprocess.run([sys.executable, str(REPO / "train_gpt2.py")] + run_args(log_dir), cwd=REPO,
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr[-3000:]
+    size = os.path.getsize(os.path.join(log_dir, "model_00003.pt"))
+    assert lines[0].startswith(f"error: cannot write {log_dir}/model_00006.pt (No space left on device; "
+                               f"it needs about {size / 2**10:.1f} KiB, "), lines[0]
+    assert lines[0].endswith(f"the previous checkpoint {log_dir}/model_00003.pt is intact"), lines[0]
+    assert sorted(os.listdir(log_dir)) == ["config.json", "log.txt", "model_00003.pt"]  # no .tmp
+    checkpoint = torch.load(os.path.join(log_dir, "model_00003.pt"), weights_only=True)
+    assert checkpoint["step"] == 3
+
+
+@pytest.mark.slow
+def test_full_disk_while_writing_a_shard_is_one_line_and_a_rerun_continues(tmp_path, small_disk, capsys):
+    import fineweb
+    from conftest import SHAKESPEARE
+    shard_size = 50000  # 100 KB per shard: two fit in 256 KB (with the manifest), not three
+    full = str(small_disk("256k"))
+    argv = lambda out: ["--data_files", str(SHAKESPEARE), "--local_dir", out,  # noqa: E731
+                        "--shard_size", str(shard_size), "--num_proc", "1"]
+    rc, out, err = call_main(fineweb.main, argv(full), capsys)
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    shard = os.path.join(full, "edufineweb_train_000002.npy")
+    assert err.startswith(f"fineweb.py: error: cannot write {shard} (No space left on device; a shard "
+                          f"needs up to 97.8 KiB, "), err
+    assert "the shards finished before it are intact" in err
+    assert sorted(os.listdir(full)) == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy",
+                                        "manifest.json"]  # no .tmp, no lock
+    # the same command on a disk with room continues after them, to the bytes of a clean run
+    clean, roomy = str(tmp_path / "clean"), str(tmp_path / "roomy")
+    assert call_main(fineweb.main, argv(clean), capsys)[0] == 0
+    subprocess.run(["cp", "-a", full, roomy], check=True)
+    rc, out, err = call_main(fineweb.main, argv(roomy), capsys)
+    assert rc == 0, err
+    assert {n: open(os.path.join(roomy, n), "rb").read() for n in os.listdir(roomy)} == \
+        {n: open(os.path.join(clean, n), "rb").read() for n in os.listdir(clean)}
