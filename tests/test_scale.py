@@ -199,11 +199,12 @@ DEEP = dict(n_layer=8, n_head=4, n_embd=256, vocab_size=512, micro_batch_size=16
 
 
 # each of the estimate's four activation formulas (float32 or autocast, with or without
-# activation checkpointing) once, and each shape with both dtypes and both checkpointing values
+# activation checkpointing) once, and each shape with and without checkpointing; bfloat16 on
+# the wide shape only (on a CPU, the deep shape's bfloat16 step takes over a minute)
 @pytest.mark.parametrize("shape, checkpointing, dtype", [
-    (WIDE_VOCAB, 0, torch.float32), (WIDE_VOCAB, 1, torch.bfloat16),
-    (DEEP, 0, torch.bfloat16), (DEEP, 1, torch.float32)], ids=["wide-fp32", "wide-ckpt-bf16",
-                                                              "deep-bf16", "deep-ckpt-fp32"])
+    (WIDE_VOCAB, 0, torch.bfloat16), (WIDE_VOCAB, 1, torch.bfloat16),
+    (DEEP, 0, torch.float32), (DEEP, 1, torch.float32)], ids=["wide-bf16", "wide-ckpt-bf16",
+                                                             "deep-fp32", "deep-ckpt-fp32"])
 def test_memory_estimate_within_5_percent_of_the_measured_peak(shape, checkpointing, dtype):
     """Tolerance 5% (measured: within 2.1%): the estimate counts the tensors an eager step keeps at its peak,
     leaving out a few small ones (LayerNorm statistics, attention's logsumexp, the batch)."""
