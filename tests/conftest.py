@@ -140,6 +140,23 @@ def replace(src, dst):
 os.replace = replace
 """
 
+# A Python prelude that sends the process a SIGTERM (as a scheduler's preemption would) at the
+# start of the n-th call of a function, given by SIGTERM_AT: "train_gpt2.get_lr:4" (step 3's
+# learning rate), "hellaswag.score:2", optionally ":1" more for rank 1 only.
+SIGTERM_PRELUDE = """
+import importlib, os, signal
+where, n, *rank = os.environ["SIGTERM_AT"].split(":")
+module_name, name = where.rsplit(".", 1)
+module = importlib.import_module(module_name)
+real, calls = getattr(module, name), [0]
+def patched(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(n) and rank in ([], [os.environ.get("RANK", "0")]):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+setattr(module, name, patched)
+"""
+
 _PRELUDES = []  # the folder the prelude scripts go to: pytest's temporary folder of this session
 
 

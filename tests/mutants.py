@@ -8,6 +8,7 @@ is the number that survived.
     python tests/mutants.py                 # all of them (about 25 minutes on 2 cores)
     python tests/mutants.py resume-off scaler-not-loaded
     python tests/mutants.py --list
+    python tests/mutants.py resume-off --each --tests tests/test_resume.py  # every test must fail
 """
 import argparse
 import os
@@ -116,8 +117,9 @@ def copy_repo(dest):
             shutil.copy2(REPO / name, dest / name)
 
 
-def check(name, file, old, new, tests, timeout):
-    """'killed' (by which test), 'SURVIVED', or why the mutant could not be tried."""
+def check(name, file, old, new, tests, timeout, each=False):
+    """'killed' (by which test), 'SURVIVED', or why the mutant could not be tried. each: run
+    every test (no -x) and say how many failed; 'SURVIVED' names those that passed."""
     with tempfile.TemporaryDirectory(prefix=f"mutant_{name}_") as tmp:
         copy = Path(tmp)
         copy_repo(copy)
@@ -127,11 +129,18 @@ def check(name, file, old, new, tests, timeout):
         (copy / file).write_text(text.replace(old, new))
         t0 = time.time()
         try:
-            p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                                "-o", "addopts=", *tests], cwd=copy, capture_output=True, text=True,
-                               timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
+                                "-o", "addopts="] + ([] if each else ["-x"]) + tests, cwd=copy,
+                               capture_output=True, text=True, timeout=timeout,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
         except subprocess.TimeoutExpired:
             return "killed (timeout)", time.time() - t0
+        if each:
+            failed = [l.split()[1] for l in p.stdout.splitlines() if l.startswith(("FAILED ", "ERROR "))]
+            passed = [l.split()[1].split("::", 1)[1] for l in p.stdout.splitlines() if l.startswith("PASSED ")]
+            if passed:
+                return f"SURVIVED in {len(passed)}: {', '.join(passed)}", time.time() - t0
+            return f"killed by each of the {len(failed)} tests", time.time() - t0
         if p.returncode == 1:  # a test failed
             failed = [l.split()[1] for l in p.stdout.splitlines() if l.startswith("FAILED ")]
             return f"killed by {failed[0].split('::', 1)[1] if failed else '?'}", time.time() - t0
@@ -145,6 +154,7 @@ def main(argv=None):
     parser.add_argument("names", nargs="*", help="mutants to try (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
+    parser.add_argument("--each", action="store_true", help="run all the tests (no -x): each must fail")
     parser.add_argument("--tests", nargs="+", help="run these test ids instead of the mutant's own "
                         "(e.g. to show that one test alone kills it)")
     args = parser.parse_args(argv)
@@ -160,7 +170,7 @@ def main(argv=None):
     for name in args.names or MUTANTS:
         file, old, new, tests = MUTANTS[name]
         tests = args.tests or tests
-        result, seconds = check(name, file, old, new, tests, args.timeout)
+        result, seconds = check(name, file, old, new, tests, args.timeout, args.each)
         survived += not result.startswith("killed")
         before, after = next((a, b) for a, b in zip(old.splitlines(), new.splitlines()) if a != b)
         change = f"`{before.strip()}` -> `{after.strip()}`"

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import (KILL_PRELUDE, VOCAB, check_resumed, checkpoint_names, log_text, one_line_error,
-                      read_log, run, start, step_lines, tiny_args)
+from conftest import (KILL_PRELUDE, SIGTERM_PRELUDE, VOCAB, check_resumed, checkpoint_names,
+                      log_text, one_line_error, read_log, run, start, step_lines, tiny_args)
 
 import train_gpt2
 
@@ -310,11 +310,8 @@ def test_sigterm_to_rank_1_stops_every_rank_at_the_same_step(data, tmp_path):
     """A SIGTERM that reaches only rank 1 (a scheduler may signal any process): the ranks vote,
     all stop after the same step, rank 0 saves, and torchrun exits 0."""
     log_dir = str(tmp_path / "log")
-    prelude = ("import os, signal, train_gpt2\nreal = train_gpt2.get_lr\n"
-               "def get_lr(it, *a):\n    if it == 3 and os.environ['RANK'] == '1':\n"
-               "        os.kill(os.getpid(), signal.SIGTERM)\n    return real(it, *a)\n"
-               "train_gpt2.get_lr = get_lr\n")
-    p = run(tiny_args(data, log_dir, checkpoint_interval=100), torchrun=2, prelude=prelude)
+    p = run(tiny_args(data, log_dir, checkpoint_interval=100), torchrun=2, prelude=SIGTERM_PRELUDE,
+            env={"SIGTERM_AT": "train_gpt2.get_lr:4:1"})  # step 3's lr, on rank 1 alone
     assert "stopped by a signal after step 3; continue with --resume auto" in p.stdout
     assert checkpoint_names(log_dir) == ["model_00004.pt"]
     assert [s for s, k, _ in read_log(log_dir) if k == "train"] == [0, 1, 2, 3]
@@ -340,10 +337,7 @@ def test_second_ctrl_c_stops_at_once_with_one_line(data, tmp_path):
 @pytest.mark.slow
 def test_sigterm_before_the_first_step_exits_0(data, tmp_path):
     log_dir = str(tmp_path / "log")
-    prelude = ("import os, signal, train_gpt2\nreal = train_gpt2.maybe_resume\n"
-               "def resume(*a):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return real(*a)\n"
-               "train_gpt2.maybe_resume = resume\n")
-    p = run(tiny_args(data, log_dir), prelude=prelude)
+    p = run(tiny_args(data, log_dir), prelude=SIGTERM_PRELUDE, env={"SIGTERM_AT": "train_gpt2.maybe_resume:1"})
     assert "stopped by a signal before the first step; nothing to save" in p.stdout
     assert not checkpoint_names(log_dir) and log_text(log_dir) == ""
 
@@ -355,11 +349,7 @@ def test_sigterm_during_hellaswag_saves_the_step_and_resumes_exactly(data, tmp_p
                  hellaswag_limit=20, checkpoint_interval=100)  # 2 forward passes per evaluation
     run(tiny_args(data, clean, **flags))
     # SIGTERM in the 3rd HellaSwag forward pass: the first of step 2's two
-    prelude = ("import os, signal, hellaswag\nreal, calls = hellaswag.score, [0]\n"
-               "def score(*a):\n    calls[0] += 1\n    if calls[0] == 3:\n"
-               "        os.kill(os.getpid(), signal.SIGTERM)\n    return real(*a)\n"
-               "hellaswag.score = score\n")
-    p = run(tiny_args(data, log_dir, **flags), prelude=prelude)
+    p = run(tiny_args(data, log_dir, **flags), prelude=SIGTERM_PRELUDE, env={"SIGTERM_AT": "hellaswag.score:3"})
     assert "stopped by a signal during the HellaSwag evaluation of step 2" in p.stdout
     assert checkpoint_names(log_dir) == ["model_00002.pt"]
     assert [s for s, k, _ in read_log(log_dir) if k == "hella"] == [0]

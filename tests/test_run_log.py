@@ -7,17 +7,11 @@ import re
 import signal
 
 import pytest
-from conftest import (KILL_PRELUDE, check_resumed, one_line_error, read_log, read_tensorboard, read_wandb,
-                      run, tiny_args, wandb_points)
+from conftest import (KILL_PRELUDE, SIGTERM_PRELUDE, check_resumed, one_line_error, read_log,
+                      read_tensorboard, read_wandb, run, tiny_args, wandb_points)
 
 import train_gpt2
 
-# a SIGTERM in the 2nd HellaSwag forward pass (1 per evaluation of 8 examples): step 4's, after
-# its val loss; the run saves model_00004.pt and stops
-SIGTERM_IN_HELLASWAG = ("import os, signal, hellaswag\nreal, calls = hellaswag.score, [0]\n"
-                        "def score(*a):\n    calls[0] += 1\n    if calls[0] == 2:\n"
-                        "        os.kill(os.getpid(), signal.SIGTERM)\n    return real(*a)\n"
-                        "hellaswag.score = score\n")
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
@@ -68,7 +62,10 @@ def test_stopped_and_resumed_run_logs_every_step_once_to_wandb_and_tensorboard(d
     log_dir = str(tmp_path / "log")
     flags = dict(vocab_size=50304, block_size=128, hellaswag=1, hellaswag_limit=8, sample=1,
                  peak_tflops=1e-4, wandb="tiny", tensorboard=1)  # evaluations at 0, 4, 7
-    p = run(tiny_args(data, log_dir, **flags), prelude=SIGTERM_IN_HELLASWAG, env=OFFLINE)
+    # a SIGTERM in the 2nd HellaSwag forward pass (1 per evaluation of 8 examples): step 4's,
+    # after its val loss; the run saves model_00004.pt and stops
+    p = run(tiny_args(data, log_dir, **flags), prelude=SIGTERM_PRELUDE,
+            env={"SIGTERM_AT": "hellaswag.score:2", **OFFLINE})
     assert "stopped by a signal during the HellaSwag evaluation of step 4" in p.stdout
     assert (4, "val") in [(s, k) for s, k, _ in read_log(log_dir)]
     p2 = run(tiny_args(data, log_dir, resume="auto", **flags), env=OFFLINE)
