@@ -262,6 +262,9 @@ def load_corpus(files, builder, streaming):
         fail(f"needs datasets >= {DATASETS_MIN} (for Dataset.skip); pip install -U datasets")
     if files:
         kwargs = {"sample_by": "document"} if builder == "text" else {}
+        import logging
+        quiet = logging.getLogger("datasets.packaged_modules")  # it logs a malformed file's traceback
+        level, _ = quiet.level, quiet.setLevel(logging.CRITICAL)
         try:  # datasets reads data_files as globs: escape the [ * ? of the names we already found
             ds = datasets.load_dataset(builder, data_files=[glob.escape(f) for f in files],
                                        split="train", streaming=streaming, **kwargs)
@@ -269,6 +272,8 @@ def load_corpus(files, builder, streaming):
             cause = e.__cause__ or e.__context__ or e  # datasets wraps the reader's error
             fail(f"cannot read --data_files {', '.join(files)} ({type(e).__name__}: {e}; "
                  f"{type(cause).__name__}: {cause})".replace("\n", " ")[:600])
+        finally:
+            quiet.setLevel(level)
     else:
         try:
             ds = datasets.load_dataset(DATASET, name=CONFIG, split="train", streaming=streaming)
