@@ -222,9 +222,15 @@ def find_data_files(patterns):
         fail(f"--data_files must be all .parquet, all .jsonl/.json or all .txt, not {', '.join(suffixes)}")
     for f in files:  # look at the columns now, before datasets spends minutes converting the files
         columns = None
+        if not os.path.isfile(f):
+            fail(f"--data_files {f} is not a file")
         if f.endswith(".parquet"):
+            import pyarrow as pa
             import pyarrow.parquet as pq
-            columns = pq.read_schema(f).names
+            try:
+                columns = pq.read_schema(f).names
+            except (pa.ArrowException, OSError) as e:  # cut short, not parquet
+                fail(f"--data_files {f} is not a readable parquet file ({str(e).splitlines()[0][:200]})")
         elif f.endswith(".jsonl"):
             columns = jsonl_columns(f)
         if columns is not None and "text" not in columns:
@@ -256,11 +262,18 @@ def load_corpus(files, builder, streaming):
         fail(f"needs datasets >= {DATASETS_MIN} (for Dataset.skip); pip install -U datasets")
     if files:
         kwargs = {"sample_by": "document"} if builder == "text" else {}
+        import logging
+        quiet = logging.getLogger("datasets.packaged_modules")  # it logs a malformed file's traceback
+        level, _ = quiet.level, quiet.setLevel(logging.CRITICAL)
         try:  # datasets reads data_files as globs: escape the [ * ? of the names we already found
             ds = datasets.load_dataset(builder, data_files=[glob.escape(f) for f in files],
                                        split="train", streaming=streaming, **kwargs)
         except Exception as e:  # a malformed file: say what datasets said, without the traceback
-            fail(f"cannot read --data_files ({type(e).__name__}: {e})".splitlines()[0])
+            cause = e.__cause__ or e.__context__ or e  # datasets wraps the reader's error
+            fail(f"cannot read --data_files {', '.join(files)} ({type(e).__name__}: {e}; "
+                 f"{type(cause).__name__}: {cause})".replace("\n", " ")[:600])
+        finally:
+            quiet.setLevel(level)
     else:
         try:
             ds = datasets.load_dataset(DATASET, name=CONFIG, split="train", streaming=streaming)
@@ -335,6 +348,34 @@ def make_folder(local_dir):
     return out
 
 
+def read_manifest(path):
+    """manifest.json, or one error line when it is damaged: without it the shards cannot be
+    continued, and they are never deleted unasked (hours of work at full size)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        assert isinstance(manifest, dict) and isinstance(manifest["shards"], list)
+        for shard in manifest["shards"]:
+            assert {"file", "tokens", "next_doc", "next_offset"} <= set(shard)
+        manifest["identity"], manifest["done"]  # noqa: B018
+    except (OSError, ValueError, AssertionError, KeyError, TypeError) as e:
+        why = getattr(e, "strerror", None) or type(e).__name__
+        fail(f"{path} is damaged or unreadable ({why}); pass --overwrite to write the shards again")
+    return manifest
+
+
+def shard_damage(path, tokens):
+    """Why a finished shard is not what the manifest says (None: it is): cut short, not a
+    1-D uint16 array, a folder. Reads only its header."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        return getattr(e, "strerror", None) or type(e).__name__
+    if array.ndim != 1 or array.dtype != np.uint16 or len(array) != tokens:
+        return f"{array.dtype} {array.shape}, not {tokens} uint16 tokens"
+    return None
+
+
 def check_folder(out, identity, overwrite):
     """The manifest to continue from: the one an earlier run of this job left, or a new one."""
     path, manifest = os.path.join(out, "manifest.json"), None
@@ -344,17 +385,28 @@ def check_folder(out, identity, overwrite):
             os.remove(os.path.join(out, name))
         ours = []
     elif os.path.exists(path):
-        with open(path) as f:
-            manifest = json.load(f)
+        manifest = read_manifest(path)
         if not manifest["shards"]:
             manifest = None  # nothing finished yet: start afresh, whatever it was for
         elif manifest["identity"] != identity:  # never mix two corpora or two shard sizes
             diff = ", ".join(k for k in identity if manifest["identity"].get(k) != identity[k])
             fail(f"{out} holds shards of another run (different {diff}); "
                  "pass --overwrite to start over, or choose another --local_dir")
-        for shard in manifest["shards"] if manifest else []:
+        for i, shard in enumerate(manifest["shards"] if manifest else []):
             if not os.path.exists(os.path.join(out, shard["file"])):
                 fail(f"{shard['file']}, listed in {path}, is gone; pass --overwrite to start over")
+            if os.path.isdir(os.path.join(out, shard["file"])):
+                fail(f"{os.path.join(out, shard['file'])} is a folder, where a shard belongs: remove it")
+            damage = shard_damage(os.path.join(out, shard["file"]), shard["tokens"])
+            if damage:  # cut short, overwritten: write it (and the ones after it) again
+                print(f"warning: {shard['file']} is damaged ({damage}); writing it again from there",
+                      file=sys.stderr)
+                for later in manifest["shards"][i:]:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(out, later["file"]))
+                del manifest["shards"][i:]
+                manifest["done"] = False
+                break
     elif any(n.endswith(".npy") for n in ours):
         fail(f"{out} holds shards but no manifest.json; pass --overwrite to start over, "
              "or choose another --local_dir")
@@ -656,6 +708,8 @@ def write_folder(args, files, builder, out):
                                  args.num_proc)
         except TokenRangeError as e:
             fail(e)
+        except UnicodeDecodeError as e:  # a damaged text or jsonl file
+            fail(f"cannot read --data_files {', '.join(files)}: not UTF-8 text ({e.reason} at byte {e.start})")
         except OSError as e:
             if e.filename and os.path.dirname(os.path.abspath(e.filename)) == out:  # disk full, ...
                 import shutil

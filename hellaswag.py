@@ -134,6 +134,7 @@ def iterate_examples(split, data_dir=None):
     except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, a binary file
         why = getattr(e, "strerror", None) or type(e).__name__
         raise HellaSwagError(f"cannot read {path} ({why})") from None
+    count = 0
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -144,7 +145,10 @@ def iterate_examples(split, data_dir=None):
         problem = _check(example)
         if problem:
             raise HellaSwagError(f"{path}, line {lineno}: {problem}")
+        count += 1
         yield example
+    if count == 0:  # an empty file: no accuracy to report
+        raise HellaSwagError(f"{path} holds no examples")
 
 
 # -----------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def load_tokens(filename):
     memory map reads only the B*T+1 tokens of each batch from disk."""
     try:
         npt = np.load(filename, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:  # also a file of pickled Python objects: never unpickled
+    except (OSError, ValueError, EOFError) as e:  # also pickled Python objects: never unpickled
         raise UserError(f"{filename} is not a token shard of fineweb.py ({type(e).__name__})") from None
     if npt.ndim != 1 or npt.dtype != np.uint16:
         raise UserError(f"{filename} is not a 1-D uint16 token shard (it holds {npt.dtype}, shape "
@@ -1166,7 +1166,14 @@ def load_model(checkpoint=None, model_type=None, device="cpu"):
     else:
         try:
             model = GPT.from_pretrained(model_type)
-        except OSError as e:  # offline, and the weights are not in Hugging Face's cache
+        except Exception as e:
+            if os.path.isdir(model_type):  # a saved folder: its files are damaged
+                raise UserError(f"{model_type} is not a readable GPT-2 folder: its config.json or "
+                                f"model.safetensors is damaged ({type(e).__name__}: "
+                                f"{(str(e).splitlines() or [''])[0][:200]})") from None
+            if not isinstance(e, OSError):
+                raise
+            # offline, and the weights are not in Hugging Face's cache
             raise UserError(f"cannot load {model_type} from Hugging Face ({str(e).splitlines()[0]}); "
                             "no network? set HF_ENDPOINT to a mirror of the hub") from None
     return model.to(device).eval()
@@ -1288,13 +1295,19 @@ def prepare_log_dir(cfg, start_step):
     for name in os.listdir(cfg.log_dir):
         if name.endswith(".tmp") and OUR_FILES.fullmatch(name):
             os.remove(os.path.join(cfg.log_dir, name))
-    fineweb.write_atomic(os.path.join(cfg.log_dir, "config.json"),
-                         lambda f: f.write(json.dumps(dataclasses.asdict(cfg), indent=1).encode()))
+    try:
+        fineweb.write_atomic(os.path.join(cfg.log_dir, "config.json"),
+                             lambda f: f.write(json.dumps(dataclasses.asdict(cfg), indent=1).encode()))
+    except OSError as e:  # e.g. a folder in its place
+        raise UserError(f"cannot write {e.filename} ({e.strerror or e})") from None
     log_file = os.path.join(cfg.log_dir, "log.txt")
     old = []
     if start_step > 0 and os.path.exists(log_file):
-        with open(log_file) as f:  # whole lines only
-            old = [l for l in f if l.endswith("\n") and l.split(" ", 1)[0].isdigit()]
+        try:  # whole lines only; a damaged byte spoils its line alone
+            with open(log_file, encoding="utf-8", errors="replace") as f:
+                old = [l for l in f if l.endswith("\n") and l.split(" ", 1)[0].isdigit()]
+        except OSError as e:
+            raise UserError(f"cannot read {log_file} ({e.strerror or e})") from None
     lines = [l for l in old if int(l.split(" ", 1)[0]) < start_step]  # the steps before start_step
     fineweb.write_atomic(log_file, lambda f: f.write("".join(lines).encode()))
     return max([int(l.split()[0]) for l in old if l.split()[1:2] == ["train"]], default=-1)

@@ -272,3 +272,198 @@ def test_full_disk_while_writing_a_shard_is_one_line_and_a_rerun_continues(tmp_p
     assert rc == 0, err
     assert {n: open(os.path.join(roomy, n), "rb").read() for n in os.listdir(roomy)} == \
         {n: open(os.path.join(clean, n), "rb").read() for n in os.listdir(clean)}
+
+
+# -----------------------------------------------------------------------------
+# damaged files: every kind of file a script reads, made by a real tiny run, damaged in every
+# way, read by every script that reads it. The outcome is one `error:` line naming the file
+# (non-zero exit, no traceback), or a correct recovery. A new kind of file is one row of KINDS.
+
+def _truncate(at):
+    return lambda data, text: data[:max(0, min(len(data) - 1, int(at * len(data)) if at < 1 else at))]
+
+
+DAMAGES = {  # (bytes, is the file text?) -> the damaged bytes; None: a folder where the file was
+    "empty": lambda data, text: b"",
+    "cut to 1 byte": _truncate(1),
+    "cut to a third": _truncate(1 / 3),
+    "cut by 1 byte": lambda data, text: data[:-1],
+    "random bytes": lambda data, text: bytes(__import__("random").Random(0).randrange(256) for _ in data),
+    "flipped bytes": lambda data, text: (data[:len(data) // 2] + bytes(b ^ 0xFF for b in data[len(data) // 2:][:16])
+                                         + data[len(data) // 2 + 16:]),
+    "wrong type": lambda data, text: (b"\x93NUMPY\x01\x00\x00\xff" * 64) if text else b"just some text\n" * 64,
+    "a folder": None,
+    "unreadable": "chmod",
+}
+
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The files of a real tiny run: fineweb.py's shards of tiny shakespeare, a 4-step training
+    run (log.txt, config.json, model_00003.pt, model_00004.pt), --data_files inputs (txt,
+    jsonl, parquet), a HellaSwag jsonl, the tokenizer's files, a Hugging Face export."""
+    import json
+
+    import export_hf
+    import fineweb
+    import hellaswag
+    import train_gpt2
+    from conftest import ASSETS, SHAKESPEARE
+    w = tmp_path_factory.mktemp("world")
+    text = SHAKESPEARE.read_text()[:20000]
+    (w / "inputs").mkdir()
+    (w / "inputs" / "in.txt").write_text(text)
+    rows = [{"text": t} for t in text.split("\n\n")]
+    (w / "inputs" / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": [r["text"] for r in rows]}), str(w / "inputs" / "in.parquet"))
+    assert fineweb.main(FINEWEB_ARGS(w, w / "inputs" / "in.txt")) == 0
+    assert train_gpt2.main(TRAIN_ARGS(w)) == 0
+    (w / "hella").mkdir()
+    examples = list(hellaswag.iterate_examples("val"))[:2]
+    (w / "hella" / "hellaswag_val.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
+    (w / "assets").mkdir()
+    subprocess.run(["cp", "-a", str(ASSETS / "gpt2"), str(w / "assets")], check=True)
+    assert export_hf.main(["--checkpoint", str(w / "log" / "model_00004.pt"), "--out", str(w / "hf")]) == 0
+    return w
+
+
+def FINEWEB_ARGS(w, source):  # noqa: N802
+    return ["--data_files", str(source), "--local_dir", str(w / "data"), "--shard_size", "2000", "--num_proc", "1"]
+
+
+def TRAIN_ARGS(w, **flags):  # noqa: N802
+    # the real tokenizer's ids: a vocabulary of 50304 (with 8 channels, checkpoints stay small)
+    log_dir = flags.pop("log_dir", str(w / "log"))
+    return tiny_args(str(w / "data"), log_dir, **{**dict(vocab_size=50304, n_layer=1, n_head=1, n_embd=8,
+                                                         max_steps=4, val_steps=1), **flags})
+
+
+def _reader(name, w, origin):
+    """(the script's main, argv, environment) of each reader of the world copied to w."""
+    import export_hf
+    import fineweb
+    import hellaswag
+    import plot_log
+    import sample
+    import train_gpt2
+    ckpt = str(w / "log" / "model_00004.pt")
+    return {
+        "train": (train_gpt2.main, TRAIN_ARGS(w, log_dir=str(w / "fresh")), {}),
+        "train --resume auto": (train_gpt2.main, TRAIN_ARGS(w, resume="auto", max_steps=5), {}),
+        "train --hellaswag 1": (train_gpt2.main, TRAIN_ARGS(w, log_dir=str(w / "fresh"), hellaswag=1,
+                                                            hellaswag_limit=2, max_steps=1), {}),
+        "sample.py": (sample.main, ["--checkpoint", ckpt, "--device", "cpu", "--num_samples", "1",
+                                    "--max_new_tokens", "2"], {}),
+        "export_hf.py": (export_hf.main, ["--checkpoint", ckpt, "--out", str(w / "hf2")], {}),
+        "hellaswag.py": (hellaswag.main, ["--checkpoint", ckpt, "--limit", "2", "-d", "cpu"], {}),
+        "plot_log.py": (plot_log.main, [str(w / "log" / "log.txt"), "--out", str(w / "plot.png")], {}),
+        # the rerun of the command that wrote the shards (its manifest names the original file)
+        "fineweb.py": (fineweb.main, FINEWEB_ARGS(w, origin / "inputs" / "in.txt"), {}),
+        "fineweb.py txt": (fineweb.main, ["--data_files", str(w / "inputs" / "in.txt"), "--local_dir", str(w / "d2")], {}),
+        "fineweb.py jsonl": (fineweb.main, ["--data_files", str(w / "inputs" / "in.jsonl"), "--local_dir", str(w / "d2")], {}),
+        "fineweb.py parquet": (fineweb.main, ["--data_files", str(w / "inputs" / "in.parquet"), "--local_dir", str(w / "d2")], {}),
+        "load_model (HF folder)": (lambda argv: _load_hf(argv[0]), [str(w / "hf")], {}),
+    }[name]
+
+
+def _load_hf(folder):
+    import train_gpt2
+    try:
+        train_gpt2.load_model(model_type=folder)
+    except train_gpt2.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def resumed_from_older(w, rc, out, err):
+    assert f"resumed from {w / 'log' / 'model_00003.pt'} at step 3" in out, (out, err)
+    if rc != 0:  # a folder in its place: the run cannot save model_00004.pt there either
+        assert_one_error_line(rc, out, err, "model_00004.pt")
+
+
+def error_or_whole_lines(w, rc, out, err):  # plot_log.py plots a log being written: whole lines
+    if rc != 0:
+        assert_one_error_line(rc, out, err, "log.txt")
+
+
+def assert_one_error_line(rc, out, err, name):
+    lines = err.strip().splitlines()
+    assert rc != 0 and len(lines) == 1 and "error: " in lines[0], (rc, out[-1000:], err[-3000:])
+    assert name in lines[0], lines[0]
+
+
+def runs_on(w, rc, out, err):  # the file is rewritten (or, a folder in its place, an error)
+    if rc != 0:
+        assert_one_error_line(rc, out, err, "")
+        assert "config.json" in err or "log.txt" in err, err
+
+
+def rewrites_the_shard(w, rc, out, err):  # fineweb.py writes it again (or, a folder, an error)
+    if rc != 0:
+        return assert_one_error_line(rc, out, err, "edufineweb_train_000001.npy is a folder")
+    assert "writing it again" in err + out, (out, err)
+
+
+# kind: (path in the world, text?, {reader: None (one error line naming the file) or a recovery
+# check}, the damages after which the file may still be a valid one of its kind: a text cut
+# short is a shorter text, so that a clean run is right too); one row per kind of file
+TEXT_CUTS = {"empty", "cut to 1 byte", "cut to a third", "cut by 1 byte"}
+KINDS = {
+    "token shard": ("data/edufineweb_train_000001.npy", False, {"train": None, "fineweb.py": rewrites_the_shard}),
+    "manifest.json": ("data/manifest.json", True, {"fineweb.py": None}),
+    "config.json": ("log/config.json", True, {"train --resume auto": runs_on}),
+    "log.txt": ("log/log.txt", True, {"train --resume auto": runs_on, "plot_log.py": error_or_whole_lines}),
+    "checkpoint": ("log/model_00004.pt", False, {"train --resume auto": resumed_from_older, "sample.py": None,
+                                                 "export_hf.py": None, "hellaswag.py": None}),
+    "HellaSwag jsonl": ("hella/hellaswag_val.jsonl", True, {"hellaswag.py": None, "train --hellaswag 1": None},
+                        {"cut by 1 byte"}),
+    "tokenizer encoder.json": ("assets/gpt2/encoder.json", True, {"train": None, "sample.py": None, "fineweb.py txt": None}),
+    "tokenizer vocab.bpe": ("assets/gpt2/vocab.bpe", True, {"export_hf.py": None}),
+    "--data_files txt": ("inputs/in.txt", True, {"fineweb.py txt": None}, TEXT_CUTS | {"flipped bytes"}),
+    "--data_files jsonl": ("inputs/in.jsonl", True, {"fineweb.py jsonl": None}, {"cut by 1 byte", "flipped bytes"}),
+    "--data_files parquet": ("inputs/in.parquet", False, {"fineweb.py parquet": None}),
+    "HF config.json": ("hf/config.json", True, {"load_model (HF folder)": None}, {"cut by 1 byte"}),
+    "HF weights": ("hf/model.safetensors", False, {"load_model (HF folder)": None}),
+}
+CASES = [(kind, reader, damage) for kind, (_, _, readers, *_) in KINDS.items() for reader in readers
+         for damage in DAMAGES]
+
+
+@pytest.mark.parametrize("kind, reader, damage", CASES, ids=[" | ".join(c) for c in CASES])
+def test_a_damaged_file_is_one_error_line_or_a_correct_recovery(world, tmp_path, monkeypatch, capsys,
+                                                                kind, reader, damage):
+    import fineweb
+    rel, text, readers, *still_valid = KINDS[kind]
+    if damage == "unreadable" and os.geteuid() == 0:
+        pytest.skip("root reads a chmod 000 file: run the suite as a user for this mode")
+    w = tmp_path / "w"
+    subprocess.run(["cp", "-a", str(world), str(w)], check=True)
+    path = w / rel
+    data = path.read_bytes()
+    if damage == "a folder":
+        path.unlink()
+        path.mkdir()
+    elif damage == "unreadable":
+        path.chmod(0)
+    else:
+        path.write_bytes(DAMAGES[damage](data, text))
+    monkeypatch.setattr(fineweb, "ASSETS", w / "assets")
+    monkeypatch.setenv("HELLASWAG_DIR", str(w / "hella"))
+    main, argv, env = _reader(reader, w, world)
+    rc, out, err = call_main(main, argv, capsys)
+    if damage == "flipped bytes" and not text and rc == 0:
+        pytest.xfail("bytes flipped inside the numbers of a binary file are numbers still: "
+                     "no checksum tells them from the real ones")
+    if damage == "flipped bytes" and kind == "token shard" and "token ids >= --vocab_size" in err:
+        pytest.xfail("flipped token ids past the vocabulary: one error line, which names the "
+                     "problem but not the shard (the embedding's lookup does not know it)")
+    if damage in (still_valid or [set()])[0] and rc == 0:
+        return  # still a file of its kind (a text cut short), read as one
+    check = readers[reader]
+    if check is not None:
+        return check(w, rc, out, err)
+    assert_one_error_line(rc, out, err, os.path.basename(rel))
