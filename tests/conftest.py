@@ -223,7 +223,7 @@ def check_resumed(stdout, step, path=None):
     trained no step below it again: its first step line is `step`'s, and they only go up. A run
     that silently started over writes the same log.txt (training is deterministic), so the
     log alone cannot show a resume."""
-    found = re.findall(r"^resumed from (.*) at step (\d+)$", stdout, re.M)
+    found = re.findall(r"^resumed from (.*) at step (\d+)(?: \(loaded in [0-9.]+s\))?$", stdout, re.M)
     assert [int(s) for _, s in found] == [step], found or stdout[-2000:]
     if path is not None:
         assert found[0][0] == str(path), found
