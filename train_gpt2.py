@@ -1164,6 +1164,9 @@ def load_model(checkpoint=None, model_type=None, device="cpu"):
     if checkpoint is not None:
         model = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
     else:
+        if os.path.isdir(model_type):  # a damaged folder is our one line, not transformers' report
+            from transformers.utils import logging as hf_logging
+            hf_logging.set_verbosity_error()
         try:
             model = GPT.from_pretrained(model_type)
         except Exception as e:

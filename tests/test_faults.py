@@ -1,6 +1,7 @@
 """Faults a long run meets, made for real: a worker SIGKILLed under torchrun --max-restarts, a
 peer that hangs (SIGSTOP) or never starts, a second run into the same folder, a full disk (a
 tmpfs), and damaged files of every kind that a script reads."""
+import logging
 import os
 import signal
 import socket
@@ -146,6 +147,12 @@ def call_main(main, argv, capsys):
     """A script's main(argv) in this process: (exit status, stdout, stderr). fineweb.py's
     errors are SystemExit(message): the message is then its stderr (its progress bar left out)."""
     message = None
+    # a library's log handler made during an earlier test still writes to that test's captured
+    # (closed) stderr, and logging prints a traceback of its own; a user's process has one stderr
+    for name in ("transformers", "datasets", "huggingface_hub", ""):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.stream = sys.stderr  # not setStream(): it flushes the closed one
     try:
         rc = main(argv)
     except SystemExit as e:  # fineweb.fail() and argparse exit

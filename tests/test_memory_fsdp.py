@@ -65,7 +65,9 @@ dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp, processes, tolerance", [(1, 2, 0.12), (0, 1, 0.05)])
+# FSDP2 on gloo gathers a few blocks ahead, and its peak varies from run to run: measured 4-12%
+# above the estimate (the estimate that ignored the held gradients: 22-25%)
+@pytest.mark.parametrize("fsdp, processes, tolerance", [(1, 2, 0.15), (0, 1, 0.05)])
 def test_memory_estimate_with_gradient_accumulation(tmp_path, fsdp, processes, tolerance):
     """16 layers (so that the gradient is large against the rest), accumulation 2. Measured
     (2-core CPU VM, torch 2.13.0+cpu, 2026-12-03): FSDP 4-8% over the estimate, which
